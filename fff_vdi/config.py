@@ -1,0 +1,275 @@
+"""Typed configuration for every entry point.
+
+The dataclasses below are the schema: Hydra composes the YAML files in `configs/` on top of them
+(strict: an unknown key is an error naming the key), and `validate()` checks values with errors that
+name the key, the value and the fix. Library code takes these dataclasses, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fff_vdi.errors import ConfigError
+
+SVD_XT_ID = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+
+
+@dataclass
+class ModelConfig:
+    # A pipeline directory (the layout of tools/make_tiny_pipeline.py or an exported run) or a
+    # Hugging Face id such as SVD-XT-1.1. It provides unet/, vae/, image_encoder/, feature_extractor/,
+    # scheduler/ and, for our own layout, raft/ and flow_completion/.
+    pretrained: str = SVD_XT_ID
+    revision: Optional[str] = None
+    # Optional overrides: an FFF-VDI `unet/` folder, RAFT weights (raft-things.pth or torchvision's
+    # file), ProPainter's recurrent_flow_completion.pth.
+    unet: Optional[str] = None
+    raft: Optional[str] = None
+    flow_completion: Optional[str] = None
+    # Build every network from bundled configs with random weights ("svd_xt" or a pipeline folder
+    # whose configs to use); for benchmarks and tests, no download.
+    random_init: Optional[str] = None
+    raft_iters: int = 20
+    # The CLIP/VAE/RAFT/flow-completion networks run frozen in this dtype ("bfloat16" or "float32").
+    frozen_dtype: str = "bfloat16"
+
+
+@dataclass
+class RectangleMaskConfig:
+    """The paper's moving rectangles (see docs: 'Training masks')."""
+
+    min_size: float = 0.2  # of H and W
+    max_size: float = 0.8
+    size_oscillation: float = 0.1  # +/- relative size change over the clip
+    min_speed: float = 1.0  # px per frame at the clip's resolution
+    max_speed: float = 3.0
+    speed_sd: float = 1.5
+    angle_sd: float = 0.25
+
+
+@dataclass
+class FreeformMaskConfig:
+    """E2FGVI/ProPainter-style free-form masks: blobs and brush strokes, still or moving."""
+
+    min_blobs: int = 1
+    max_blobs: int = 3
+    blob_min_size: float = 0.15  # radius, fraction of min(H, W)
+    blob_max_size: float = 0.45
+    min_strokes: int = 0
+    max_strokes: int = 3
+    stroke_min_width: float = 0.03  # fraction of min(H, W)
+    stroke_max_width: float = 0.10
+    stroke_vertices: int = 6
+    moving_prob: float = 0.5
+    max_speed: float = 3.0
+
+
+@dataclass
+class MaskConfig:
+    # Mixture weights of the mask kinds (normalised); the published recipe uses rectangles only.
+    rectangles: float = 1.0
+    freeform: float = 0.0
+    objects: float = 0.0  # needs shards written with --with-annotations
+    dilation: int = 0  # px, applied to every mask kind
+    rect: RectangleMaskConfig = field(default_factory=RectangleMaskConfig)
+    free: FreeformMaskConfig = field(default_factory=FreeformMaskConfig)
+
+
+@dataclass
+class ColorJitterConfig:
+    enabled: bool = False
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    shards: str = "???"  # folder holding manifest.json from tools/shard_ytvos.py
+    split: str = "train"
+    backend: str = "auto"  # "dali" (GPU decode), "cpu" (PIL), "auto" = dali on CUDA else cpu
+    num_frames: int = 25
+    height: int = 256
+    width: int = 512
+    batch_size: int = 1  # clips per rank per micro-step
+    frame_steps: list[int] = field(default_factory=lambda: [1, 2])
+    # Videos shorter than the window: "skip", "smaller_step" (largest step that fits, else skip),
+    # "reflect_pad" (play back and forth until T frames).
+    short_video_policy: str = "smaller_step"
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # area of the largest crop
+    hflip_prob: float = 0.5
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    num_workers: int = 4  # reader processes (DALI external source or DataLoader workers)
+    prefetch: int = 2
+    decoder_threads: int = 4  # DALI CPU threads (host side of nvJPEG)
+    hw_decoder_load: float = 0.75  # share of JPEGs sent to the A100/H100 hardware decoder
+    seed: int = 123
+    verify_crc: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    """The published training objective (docs: 'One training step')."""
+
+    p_mean: float = 0.7
+    p_std: float = 1.6
+    cond_p_mean: float = -3.0
+    cond_p_std: float = 0.5
+    cond_dropout: float = 0.1
+    fps: int = 7
+    motion_bucket_id: int = 127
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    fused: bool = True  # fused AdamW on CUDA (ignored on the CPU)
+    schedule: str = "constant"  # "constant" or "cosine", after warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (the published recipe)
+    ema_decay: float = 0.0  # 0 = no EMA
+
+
+@dataclass
+class ParallelConfig:
+    activation_checkpointing: str = "off"  # "off", "full", "selective"
+    selective_every: int = 2  # with "selective": checkpoint every n-th block
+    compile: bool = False  # per-block torch.compile
+    fsdp: bool = True  # on one process FSDP is skipped
+    reshard_after_forward: bool = True
+    hsdp_replicas: int = 1  # >1: HSDP, replicate across this many groups (nodes), shard within
+    mixed_precision: str = "bfloat16"  # param dtype of the trained UNet in forward/backward
+    nccl_timeout_s: int = 600
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100_000
+    grad_accum: int = 1
+    trainable: str = "temporal"  # "temporal" (temporal transformer blocks + refiner) or "all"
+    seed: int = 123
+    deterministic: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = False
+    resume: str = "auto"  # "auto" (newest complete), "none", or a checkpoint folder
+    validate_every: int = 1000  # 0 = off
+    val_clips: int = 2
+    val_steps: int = 25  # sampler steps for validation videos
+    nonfinite: str = "stop"  # "stop" or "skip" (skip the update, stop after max_nonfinite_skips)
+    max_nonfinite_skips: int = 10
+    heartbeat_s: float = 60.0
+    export_at_end: bool = True
+    progress_bar: bool = True
+    stop_after_steps: int = 0  # test hook: leave the loop after this many steps (0 = off)
+    inject_nan_at_step: int = -1  # test hook: make the loss non-finite at this step
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    output_dir: str = "runs/${experiment.name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class RootConfig:
+    """What Hydra composes for launch/train.py (`experiment` is the experiment group's package)."""
+
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (configs/config.yaml extends `fff_vdi_schema`)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="fff_vdi_schema", node=RootConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _check(cond: bool, key: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ConfigError(key, value, fix)
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, value, f"use one of {', '.join(map(repr, choices))}")
+
+
+def validate_data(d: DataConfig, prefix: str = "data") -> None:
+    _check(d.shards not in ("", "???"), f"{prefix}.shards", d.shards,
+           "set it to the folder written by tools/shard_ytvos.py (it holds manifest.json)")
+    _choice(f"{prefix}.backend", d.backend, ("auto", "dali", "cpu"))
+    _check(d.num_frames >= 2, f"{prefix}.num_frames", d.num_frames, "use at least 2 frames")
+    for k in ("height", "width"):
+        v = getattr(d, k)
+        _check(v >= 64 and v % 8 == 0, f"{prefix}.{k}", v, "use a multiple of 8, at least 64")
+    _check(d.batch_size >= 1, f"{prefix}.batch_size", d.batch_size, "use 1 or more")
+    _check(len(d.frame_steps) > 0 and all(int(s) >= 1 for s in d.frame_steps),
+           f"{prefix}.frame_steps", list(d.frame_steps), "give a non-empty list of steps >= 1, e.g. [1, 2]")
+    _choice(f"{prefix}.short_video_policy", d.short_video_policy, ("skip", "smaller_step", "reflect_pad"))
+    cs = list(d.crop_scale)
+    _check(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, f"{prefix}.crop_scale", cs,
+           "give [min, max] with 0 < min <= max <= 1 (area of the largest aspect-preserving crop)")
+    _check(0 <= d.hflip_prob <= 1, f"{prefix}.hflip_prob", d.hflip_prob, "use a probability in [0, 1]")
+    m = d.masks
+    w = (m.rectangles, m.freeform, m.objects)
+    _check(all(x >= 0 for x in w) and sum(w) > 0, f"{prefix}.masks", dict(rectangles=w[0], freeform=w[1], objects=w[2]),
+           "mixture weights must be >= 0 with a positive sum")
+    _check(m.dilation >= 0, f"{prefix}.masks.dilation", m.dilation, "use 0 or more pixels")
+    r = m.rect
+    _check(0 < r.min_size <= r.max_size <= 1, f"{prefix}.masks.rect.min_size/max_size", (r.min_size, r.max_size),
+           "use 0 < min_size <= max_size <= 1")
+    _check(d.num_workers >= 0, f"{prefix}.num_workers", d.num_workers, "use 0 or more")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check every value that the code relies on; raise ConfigError naming the key."""
+    validate_data(cfg.data, "experiment.data")
+    m = cfg.model
+    _check(m.raft_iters >= 1, "experiment.model.raft_iters", m.raft_iters, "use 1 or more RAFT iterations")
+    _choice("experiment.model.frozen_dtype", m.frozen_dtype, ("bfloat16", "float32", "float16"))
+    o = cfg.optim
+    _check(o.lr > 0, "experiment.optim.lr", o.lr, "use a positive learning rate")
+    _choice("experiment.optim.schedule", o.schedule, ("constant", "cosine"))
+    _check(o.warmup_steps >= 0, "experiment.optim.warmup_steps", o.warmup_steps, "use 0 or more")
+    _check(o.grad_clip >= 0, "experiment.optim.grad_clip", o.grad_clip, "use 0 (off) or a positive norm")
+    _check(0 <= o.ema_decay < 1, "experiment.optim.ema_decay", o.ema_decay, "use 0 (off) or a decay in (0, 1)")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "experiment.optim.betas", list(o.betas),
+           "give two values in [0, 1)")
+    p = cfg.parallel
+    _choice("experiment.parallel.activation_checkpointing", p.activation_checkpointing, ("off", "full", "selective"))
+    _check(p.selective_every >= 1, "experiment.parallel.selective_every", p.selective_every, "use 1 or more")
+    _choice("experiment.parallel.mixed_precision", p.mixed_precision, ("bfloat16", "float32"))
+    _check(p.hsdp_replicas >= 1, "experiment.parallel.hsdp_replicas", p.hsdp_replicas, "use 1 (plain FSDP) or more")
+    t = cfg.trainer
+    _check(t.max_steps >= 1, "experiment.trainer.max_steps", t.max_steps, "use 1 or more")
+    _check(t.grad_accum >= 1, "experiment.trainer.grad_accum", t.grad_accum, "use 1 or more")
+    _choice("experiment.trainer.trainable", t.trainable, ("temporal", "all"))
+    _check(t.keep_checkpoints >= 2, "experiment.trainer.keep_checkpoints", t.keep_checkpoints,
+           "keep at least 2, so that a crash while saving never leaves you without a checkpoint")
+    _check(t.checkpoint_every >= 1, "experiment.trainer.checkpoint_every", t.checkpoint_every, "use 1 or more")
+    _choice("experiment.trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

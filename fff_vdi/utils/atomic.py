@@ -1,0 +1,80 @@
+"""Write files so that readers never see a half-written one.
+
+Everything is written to a temporary name in the destination folder, flushed and fsync'ed, then
+renamed over the final name (atomic on POSIX file systems). After a crash the final name holds
+either the old complete file or the new complete file; stray `*.tmp-*` files are ignored by readers
+and cleaned by the writers that own the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def is_temp_name(path: str | os.PathLike) -> bool:
+    return TMP_MARK in Path(path).name
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on a clean exit fsync it and rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}{TMP_MARK}", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete leftovers of interrupted atomic writes in `folder` (not recursive)."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and is_temp_name(p):
+                p.unlink()
+                removed.append(p)
+    return removed
