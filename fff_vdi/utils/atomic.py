@@ -18,6 +18,13 @@ from typing import IO, Iterator
 TMP_MARK = ".tmp-"
 
 
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: what open() would have created (mkstemp makes 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def is_temp_name(path: str | os.PathLike) -> bool:
     return TMP_MARK in Path(path).name
 
@@ -33,6 +40,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # Shards and checkpoints are read by other users' jobs on shared clusters.
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

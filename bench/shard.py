@@ -1,0 +1,175 @@
+"""Throughput of tools/shard_ytvos.py on synthetic 720p videos, for several worker counts.
+
+    python bench/shard.py [--videos 16] [--frames 60] [--workers 1 2] [--repeats 3]
+
+Generates (once, into --data) videos with fff_vdi.data.synthetic, then times the whole sharding run
+(scan, read, full decode check, tar writing, hashing, index and manifest) per worker count, checks
+that every worker count gives byte-identical shards, and writes the results with the machine's
+description to --results. The target is 100 frames/s per worker and near-linear scaling up to the
+machine's cores. As the ceiling to compare with, the same frames are also read and decoded by a
+plain process pool of each size (timed after the pool has started), which shows how far the machine
+itself scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import PIL  # noqa: E402
+from PIL import features  # noqa: E402
+
+from fff_vdi.data.sharding import ShardOptions, decode_jpeg, run_sharding, usable_cores  # noqa: E402
+
+TARGET_FRAMES_PER_S_PER_WORKER = 100
+
+
+def ensure_dataset(data: Path, videos: int, frames: int, height: int, width: int) -> Path:
+    marker = data / f"synthetic-{videos}x{frames}-{width}x{height}.done"
+    if not marker.exists():
+        # Imported here: spawned workers re-import this script, and need not load numpy for it.
+        from fff_vdi.data.synthetic import write_synthetic_videos
+
+        shutil.rmtree(data, ignore_errors=True)
+        started = time.perf_counter()
+        write_synthetic_videos(data, videos, frames, height, width, seed=0, with_annotations=False)
+        print(f"generated {videos * frames} frames in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        marker.touch()
+    return data
+
+
+def cpu_model() -> str | None:
+    """The CPU's marketing name (Linux), which platform.processor() does not give there."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def read_and_decode(path: Path) -> None:
+    decode_jpeg(path.read_bytes())
+
+
+def decode_ceiling(paths: list[Path], workers: int) -> float:
+    """Frames per second of reading and decoding every frame in a plain pool of `workers`
+    processes (this process for 1), timed once the pool is up."""
+    if workers == 1:
+        started = time.perf_counter()
+        for path in paths:
+            read_and_decode(path)
+        return len(paths) / (time.perf_counter() - started)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(read_and_decode, paths[:workers], chunksize=1)  # start-up and imports
+        started = time.perf_counter()
+        pool.map(read_and_decode, paths, chunksize=4)
+        return len(paths) / (time.perf_counter() - started)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def shard_once(data: Path, out: Path, workers: int) -> dict:
+    """Wall and CPU seconds of one full run, and a digest of every output file."""
+    shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]
+    own_before, children_before = cpu_seconds()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_sharding(ShardOptions(src=data, out=out, workers=workers))
+    seconds = time.perf_counter() - started
+    own_after, children_after = cpu_seconds()
+    digest = hashlib.sha256()
+    for path in sorted(out.iterdir()):
+        digest.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    shutil.rmtree(out)
+    return {"seconds": seconds, "parent_cpu_s": own_after - own_before,
+            "workers_cpu_s": children_after - children_before, "load_before": load, "digest": digest.hexdigest()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=16)
+    parser.add_argument("--frames", type=int, default=60, help="frames per video")
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per worker count; the best is reported")
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fff_vdi_bench_shard_src")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "shard_cpu.json")
+    args = parser.parse_args()
+
+    data = ensure_dataset(args.data, args.videos, args.frames, args.height, args.width)
+    num_frames = args.videos * args.frames
+    source_bytes = sum(p.stat().st_size for p in (data / "JPEGImages").rglob("*.jpg"))
+    frame_paths = sorted((data / "JPEGImages").rglob("*.jpg"))
+    runs, digests = [], set()
+    with tempfile.TemporaryDirectory() as scratch:
+        for workers in args.workers:
+            repeats = [shard_once(data, Path(scratch) / "out", workers) for _ in range(args.repeats)]
+            digests.update(r["digest"] for r in repeats)
+            best = min(repeats, key=lambda r: r["seconds"])
+            ceiling = decode_ceiling(frame_paths, workers)
+            runs.append({"workers": workers, "seconds": [round(r["seconds"], 3) for r in repeats],
+                         "load_average_before": [round(r["load_before"], 2) for r in repeats],
+                         "best_seconds": round(best["seconds"], 3),
+                         "frames_per_s": round(num_frames / best["seconds"], 1),
+                         "frames_per_s_per_worker": round(num_frames / best["seconds"] / workers, 1),
+                         "source_mb_per_s": round(source_bytes / best["seconds"] / 1e6, 1),
+                         "decode_ceiling_frames_per_s": round(ceiling, 1),
+                         "fraction_of_ceiling": round(num_frames / best["seconds"] / ceiling, 2),
+                         # CPU time does not depend on what else runs on the machine: ms per frame
+                         # in the decoding processes (the parent itself for 1 worker) and in the parent.
+                         "parent_cpu_ms_per_frame": round(best["parent_cpu_s"] / num_frames * 1e3, 2),
+                         "workers_cpu_ms_per_frame": round(best["workers_cpu_s"] / num_frames * 1e3, 2)})
+            print(f"workers={workers}: {runs[-1]['frames_per_s']} frames/s "
+                  f"({runs[-1]['frames_per_s_per_worker']} per worker), {runs[-1]['source_mb_per_s']} MB/s",
+                  file=sys.stderr)
+    base = runs[0]["frames_per_s"] / runs[0]["workers"]
+    for run in runs:
+        run["speedup_vs_first"] = round(run["frames_per_s"] / runs[0]["frames_per_s"], 2)
+        run["scaling_efficiency"] = round(run["frames_per_s"] / (base * run["workers"]), 2)
+    results = {
+        "benchmark": "bench/shard.py",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+                    "machine": platform.machine(),
+                    "cores": os.cpu_count(), "usable_cores": usable_cores(),
+                    "python": platform.python_version(), "pillow": PIL.__version__,
+                    "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo"))},
+        "dataset": {"generator": "fff_vdi.data.synthetic", "videos": args.videos, "frames_per_video": args.frames,
+                    "frames": num_frames, "width": args.width, "height": args.height,
+                    "mean_frame_kb": round(source_bytes / num_frames / 1e3, 1)},
+        "what_is_timed": "whole run_sharding call: scan, read, full decode check, tar writing, sha256/crc32, "
+                         "index, report, manifest; spawned worker start-up included for workers > 1. "
+                         "decode_ceiling: read + decode only, in a plain pool already started",
+        "target_frames_per_s_per_worker": TARGET_FRAMES_PER_S_PER_WORKER,
+        "meets_target": all(r["frames_per_s_per_worker"] >= TARGET_FRAMES_PER_S_PER_WORKER for r in runs),
+        "identical_output_across_worker_counts": len(digests) == 1,
+        "runs": runs,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The shard format, and random access to frames by byte offset.
+
+A shard folder (written by `tools/shard_ytvos.py`, see `fff_vdi.data.sharding`) holds:
+
+    manifest.json                  written last: its presence means the folder is complete
+    report.json                    every skipped video or frame, repair and note, with its reason
+    train-000000.tar               WebDataset shards, filled up to --shard-size
+    train-000000.index.json        byte offsets of every member of the tar beside it
+    val-000000.tar, ...            only with --val-fraction > 0
+
+One tar sample is one video. Its members, in this (sorted) order, with fixed tar metadata:
+
+    <key>.f00000.jpg ... <key>.fNNNNN.jpg   frame i of the video, original JPEG bytes (baseline RGB;
+                                            re-encoded only when repaired or downscaled)
+    <key>.json                              {"video_id", "key", "source", "frame_names", "width",
+                                             "height", "num_frames", "repaired", "downscaled",
+                                             "mask_frames", "annotation_source"}
+    <key>.m00000.png ...                    object mask of frame i, only for frames having one
+
+The key is the video id with anything outside [A-Za-z0-9_-] replaced by '_'. The index is
+
+    {"format": "fff-vdi-shard-index", "version": 1, "shard": "train-000000.tar", "bytes", "sha256",
+     "samples": [{"key", "video_id", "num_frames", "width", "height", "json": [offset, size, crc32],
+                  "frames": [[offset, size, crc32], ...],          # num_frames entries
+                  "masks": [[offset, size, crc32] or null, ...] or null}, ...]}   # null: no annotations
+
+with offsets of the member data inside the tar and crc32 = zlib.crc32 of it, so a reader takes any
+window of frames with `os.pread` without reading or decoding the rest of the video. The manifest
+lists per split the shards with name, index, sha256, bytes, index_sha256, videos and frames, then
+totals. This module is the single source of the names and format tags; the writer imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fff_vdi.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "report.json"
+MANIFEST_FORMAT = "fff-vdi-shards"
+INDEX_FORMAT = "fff-vdi-shard-index"
+FORMAT_VERSION = 1
+RESHARD_HINT = "run tools/shard_ytvos.py --verify on the folder, or re-shard it with tools/shard_ytvos.py"
+
+Member = tuple[int, int, int]  # (offset of the data in the tar, size, zlib.crc32)
+
+
+def frame_member_name(key: str, i: int) -> str:
+    return f"{key}.f{i:05d}.jpg"
+
+
+def mask_member_name(key: str, i: int) -> str:
+    return f"{key}.m{i:05d}.png"
+
+
+def meta_member_name(key: str) -> str:
+    return f"{key}.json"
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".index.json"
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """One video of a shard set, as its index describes it."""
+
+    split: str
+    shard: str  # tar file name, relative to the shard folder
+    key: str
+    video_id: str
+    num_frames: int
+    width: int
+    height: int
+    frames: tuple[Member, ...]
+    masks: tuple[Member | None, ...] | None  # None: the shard set has no annotations
+    json: Member
+
+
+class ShardSet:
+    """The videos of one split of a finished shard folder, read by byte offset.
+
+    File descriptors are opened lazily, cached per process and dropped when pickled or after a
+    fork, so DALI's parallel external source and DataLoader workers can carry this object.
+    """
+
+    def __init__(self, root: Path, split: str, videos: list[VideoEntry], has_masks: bool, verify_crc: bool):
+        self.root = root
+        self.split = split
+        self.videos = videos
+        self.has_masks = has_masks
+        self.verify_crc = verify_crc
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, split: str = "train", verify_crc: bool = True) -> "ShardSet":
+        root = Path(root)
+        manifest = load_manifest(root)
+        splits = manifest["splits"]
+        if split not in splits:
+            raise DataError(f"{root / MANIFEST_NAME}: no split '{split}'; available: {sorted(splits)}")
+        videos: list[VideoEntry] = []
+        for shard in splits[split]["shards"]:
+            videos.extend(_load_shard_entries(root, split, shard))
+        return cls(root, split, videos, bool(manifest["with_annotations"]), verify_crc)
+
+    def frame_name(self, video: VideoEntry, i: int) -> str:
+        return frame_member_name(video.key, i)
+
+    def read_frame(self, video: VideoEntry, i: int) -> bytes:
+        return self._read(video.shard, video.frames[i], frame_member_name(video.key, i))
+
+    def read_mask(self, video: VideoEntry, i: int) -> bytes | None:
+        member = None if video.masks is None else video.masks[i]
+        return None if member is None else self._read(video.shard, member, mask_member_name(video.key, i))
+
+    def read_meta(self, video: VideoEntry) -> dict:
+        return json.loads(self._read(video.shard, video.json, meta_member_name(video.key)))
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def _fd(self, shard: str) -> int:
+        if self._pid != os.getpid():  # forked: the parent owns (and may close) the inherited descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+        return fd
+
+    def _read(self, shard: str, member: Member, name: str) -> bytes:
+        offset, size, crc = member
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise DataError(f"{self.root / shard}: member {name} is cut short ({len(data)} of {size} bytes at "
+                            f"offset {offset}); {RESHARD_HINT}")
+        if self.verify_crc and zlib.crc32(data) != crc:
+            raise DataError(f"{self.root / shard}: member {name} fails its crc32 check (offset {offset}, "
+                            f"{size} bytes); {RESHARD_HINT}")
+        return data
+
+
+def load_manifest(root: Path) -> dict:
+    path = root / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{root}: not a finished shard folder (no {MANIFEST_NAME}); "
+                        "run tools/shard_ytvos.py --resume to finish it") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be read as JSON ({e}); re-shard with tools/shard_ytvos.py") from e
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, expected "
+                        f"{MANIFEST_FORMAT!r} version {FORMAT_VERSION}; re-shard with this version of "
+                        "tools/shard_ytvos.py")
+    return manifest
+
+
+def load_index(root: Path, shard: dict) -> dict:
+    """The index of one manifest shard entry, after checking it and the tar against the manifest."""
+    tar_path, index_path = root / shard["name"], root / shard["index"]
+    try:
+        tar_bytes = tar_path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{tar_path}: shard listed in {root / MANIFEST_NAME} is missing; restore it, "
+                        "or re-shard with tools/shard_ytvos.py") from None
+    try:
+        index = json.loads(index_path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{index_path}: index of {tar_path.name} is missing; restore it, or re-shard with "
+                        "tools/shard_ytvos.py") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{index_path}: cannot be read as JSON ({e}); {RESHARD_HINT}") from e
+    if index.get("format") != INDEX_FORMAT or index.get("version") != FORMAT_VERSION:
+        raise DataError(f"{index_path}: format {index.get('format')!r} version {index.get('version')!r}, expected "
+                        f"{INDEX_FORMAT!r} version {FORMAT_VERSION}; re-shard with tools/shard_ytvos.py")
+    if not (tar_bytes == shard["bytes"] == index["bytes"] and index["sha256"] == shard["sha256"]):
+        raise DataError(f"index mismatch: {tar_path} ({tar_bytes} bytes), {index_path} ({index['bytes']} bytes, "
+                        f"sha256 {index['sha256'][:12]}...) and {root / MANIFEST_NAME} ({shard['bytes']} bytes, "
+                        f"sha256 {shard['sha256'][:12]}...) disagree; {RESHARD_HINT}")
+    return index
+
+
+def _load_shard_entries(root: Path, split: str, shard: dict) -> list[VideoEntry]:
+    index = load_index(root, shard)
+    return [
+        VideoEntry(
+            split=split,
+            shard=shard["name"],
+            key=s["key"],
+            video_id=s["video_id"],
+            num_frames=s["num_frames"],
+            width=s["width"],
+            height=s["height"],
+            frames=tuple(tuple(m) for m in s["frames"]),
+            masks=None if s["masks"] is None else tuple(None if m is None else tuple(m) for m in s["masks"]),
+            json=tuple(s["json"]),
+        )
+        for s in index["samples"]
+    ]

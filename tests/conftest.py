@@ -1,0 +1,72 @@
+"""Shared fixtures: the repository, the read-only shared data beside it, and small synthetic shards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Keep torch from oversubscribing the 2-core CI machine when tests start processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: these tests need the project's shared/ folder checked out beside the repo")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def davis_sample(shared_dir) -> Path:
+    path = shared_dir / "data" / "davis-sample"
+    if not (path / "JPEGImages").is_dir():
+        pytest.skip(f"{path} has no JPEGImages/: the DAVIS sample is missing from shared/")
+    return path
+
+
+def run_tool(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a repository script or module the way a user does, from the repository root."""
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """A tiny random pipeline folder made by tools/make_tiny_pipeline.py; copy it before changing it."""
+    out = tmp_path_factory.mktemp("tiny") / "pipeline"
+    run_tool("tools/make_tiny_pipeline.py", str(out), "--seed", "0")
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """12 synthetic videos (some shorter than a window) of 96x160 frames with object annotations,
+    sharded with a validation split."""
+    from fff_vdi.data.synthetic import write_synthetic_videos
+
+    root = tmp_path_factory.mktemp("synthetic")
+    src = write_synthetic_videos(root / "src", num_videos=12, num_frames=14, height=96, width=160, seed=3)
+    # Two short videos, to exercise the short-video policies.
+    write_synthetic_videos(root / "src_short", num_videos=2, num_frames=5, height=96, width=160, seed=4)
+    for kind in ("JPEGImages", "Annotations"):
+        for d in (root / "src_short" / kind).iterdir():
+            d.rename(src / kind / f"short_{d.name}")
+    out = root / "shards"
+    run_tool("tools/shard_ytvos.py", "--src", str(src), "--out", str(out), "--workers", "1",
+             "--shard-size", "200KB", "--val-fraction", "0.2", "--with-annotations")
+    return out

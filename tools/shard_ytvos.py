@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Pack YouTube-VOS (or any folder of <video>/<frame>.jpg) into WebDataset shards with a byte-offset index.
+
+    python tools/shard_ytvos.py --src ROOT --out DIR [--workers N] [--shard-size 1GB] [--min-frames N]
+                                [--max-side PX] [--val-fraction F] [--with-annotations] [--resume]
+    python tools/shard_ytvos.py --verify DIR
+
+Exit status: 0 when the run finished (skips are listed, not fatal) or --verify found no problem;
+1 when --verify found problems, an output file is unreadable or a worker process died (then
+--resume continues); 2 for a bad argument, an unusable source or an output folder that may not be used.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fff_vdi.data import sharding  # noqa: E402
+from fff_vdi.errors import DataError, InputError  # noqa: E402
+
+
+def _size(text: str) -> int:
+    try:
+        return sharding.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/shard_ytvos.py",
+        description=__doc__.split("\n\n")[0] + "\n\n" + sharding.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, help="dataset root holding JPEGImages/ (and Annotations/ or Masks/), "
+                                                 "or the JPEGImages/ folder itself")
+    parser.add_argument("--out", type=Path, help="output folder (empty or new; or an earlier run's with --resume)")
+    parser.add_argument("--workers", type=int, default=sharding.usable_cores(),
+                        help="processes that read and decode videos (default: the usable cores, %(default)s here); "
+                             "the output does not depend on it")
+    parser.add_argument("--shard-size", type=_size, default=sharding.parse_size("1GB"), metavar="SIZE",
+                        help="fill each tar up to this size: 1GB (10^9 bytes), 500MB, 64MiB (2^20) or bytes; a video "
+                             "larger than SIZE gets a shard of its own (default 1GB)")
+    parser.add_argument("--min-frames", type=int, default=1, metavar="N",
+                        help="skip videos with fewer usable frames (default 1)")
+    parser.add_argument("--max-side", type=int, default=None, metavar="PX",
+                        help="downscale videos whose longer side exceeds PX (re-encoded at quality 95)")
+    parser.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                        help="put this fraction of videos (chosen by sha1 of the video id) in val-* shards")
+    parser.add_argument("--with-annotations", action="store_true",
+                        help="add object masks from Annotations/ or Masks/ as <key>.mNNNNN.png")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish an interrupted run in --out (same arguments); a finished one is left as is")
+    parser.add_argument("--verify", type=Path, metavar="DIR",
+                        help="re-hash and decode every shard, frame and mask of DIR; exit 1 on any mismatch")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verify is not None:
+            if args.src is not None or args.out is not None:
+                parser.error("--verify DIR checks a finished folder; give it without --src and --out")
+            return verify(args.verify, args.workers)
+        if args.src is None or args.out is None:
+            parser.error("--src and --out are required (or --verify DIR): --src is the dataset root holding "
+                         "JPEGImages/ or the JPEGImages/ folder, --out an empty or new folder")
+        sharding.run_sharding(sharding.ShardOptions(
+            src=args.src, out=args.out, workers=args.workers, shard_size=args.shard_size,
+            min_frames=args.min_frames, max_side=args.max_side, val_fraction=args.val_fraction,
+            with_annotations=args.with_annotations, resume=args.resume))
+        return 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def verify(folder: Path, workers: int) -> int:
+    check = sharding.verify_shards(folder, workers)
+    for problem in check.problems:
+        print(problem)
+    if check.problems:
+        print(f"verify: {len(check.problems)} problems in {folder}; re-shard it with tools/shard_ytvos.py",
+              file=sys.stderr)
+        return 1
+    print(f"verify: OK: {folder}: {check.videos} videos, {check.frames} frames, {check.masks} masks, "
+          f"{check.bytes / 1e9:.3f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
