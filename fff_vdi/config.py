@@ -21,7 +21,7 @@ class ModelConfig:
     # A pipeline directory (the layout of tools/make_tiny_pipeline.py or an exported run) or a
     # Hugging Face id such as SVD-XT-1.1. It provides unet/, vae/, image_encoder/, feature_extractor/,
     # scheduler/ and, for our own layout, raft/ and flow_completion/.
-    pretrained: str = SVD_XT_ID
+    pretrained: Optional[str] = SVD_XT_ID
     revision: Optional[str] = None
     # Optional overrides: an FFF-VDI `unet/` folder, RAFT weights (raft-things.pth or torchvision's
     # file), ProPainter's recurrent_flow_completion.pth.
@@ -143,7 +143,7 @@ class ParallelConfig:
     activation_checkpointing: str = "off"  # "off", "full", "selective"
     selective_every: int = 2  # with "selective": checkpoint every n-th block
     compile: bool = False  # per-block torch.compile
-    fsdp: bool = True  # on one process FSDP is skipped
+    fsdp: bool = True  # False only for debugging: the UNet is then cast to mixed_precision whole
     reshard_after_forward: bool = True
     hsdp_replicas: int = 1  # >1: HSDP, replicate across this many groups (nodes), shard within
     mixed_precision: str = "bfloat16"  # param dtype of the trained UNet in forward/backward
@@ -171,7 +171,7 @@ class TrainerConfig:
     export_at_end: bool = True
     progress_bar: bool = True
     stop_after_steps: int = 0  # test hook: leave the loop after this many steps (0 = off)
-    inject_nan_at_step: int = -1  # test hook: make the loss non-finite at this step
+    inject_nan_at_step: int = -1  # test hook: make the loss non-finite at this (1-based) step
 
 
 @dataclass

@@ -1,0 +1,194 @@
+"""Data pipeline benchmark: our loader (DALI on the GPU, or the PIL backend) against the published
+loader's approach (PIL decode + resize of whole frames in torch DataLoader workers), on 720p clips
+resized to 512x256, in one run on one card.
+
+    PYTHONUNBUFFERED=1 python bench/data.py --out bench/results/data_<card>.json \
+        [--videos 32 --frames 40] [--batches 30] [--cores 4] [--baseline-workers 4]
+
+Reports frames/s, CPU cores busy (CPU seconds of the process tree / wall seconds), frames/s per busy
+core, and host memory (RSS of the process tree). Our pipeline runs pinned to `--cores` CPU cores (the
+issue's limit); the baseline gets the cores it needs for `--baseline-workers` workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fff_vdi.config import DataConfig, MaskConfig  # noqa: E402
+from fff_vdi.data.loader import ClipLoader  # noqa: E402
+
+
+def process_tree_usage() -> tuple[float, float]:
+    """(CPU seconds, RSS GiB) of this process and all its descendants (psutil)."""
+    import psutil
+
+    me = psutil.Process()
+    procs = [me] + me.children(recursive=True)
+    cpu, rss = 0.0, 0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            rss += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return cpu, rss / 2**30
+
+
+def measure(batches, num_batches: int, frames_per_batch: int, device: torch.device) -> dict:
+    next(batches)  # warm-up: workers and decoders start outside the timing
+    next(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    cpu0, _ = process_tree_usage()
+    t0 = time.perf_counter()
+    peak_rss = 0.0
+    for i in range(num_batches):
+        next(batches)
+        if i % 5 == 0:
+            peak_rss = max(peak_rss, process_tree_usage()[1])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    cpu1, rss = process_tree_usage()
+    cores = (cpu1 - cpu0) / wall
+    fps = num_batches * frames_per_batch / wall
+    return {"frames_per_s": fps, "cpu_cores_busy": cores, "frames_per_s_per_core": fps / max(cores, 1e-9),
+            "host_rss_gib": max(peak_rss, rss), "seconds": wall, "batches": num_batches}
+
+
+def ours(shards: Path, args, device: torch.device, backend: str) -> dict:
+    cfg = DataConfig(shards=str(shards), num_frames=args.frames_per_clip, height=256, width=512,
+                     batch_size=args.batch_clips, frame_steps=[1, 2], masks=MaskConfig(),
+                     num_workers=args.reader_workers, decoder_threads=args.decoder_threads,
+                     short_video_policy="smaller_step", backend=backend)
+    loader = ClipLoader(cfg, device=device)
+    try:
+        return measure(loader, args.batches, args.batch_clips * args.frames_per_clip, device)
+    finally:
+        loader.close()
+
+
+class PublishedClips(torch.utils.data.Dataset):
+    """The published InpaintDataset's work per clip: PIL open + whole-frame resize + to tensor, plus
+    the moving-rectangle masks drawn with PIL (simplified to a static box: its cost is small)."""
+
+    def __init__(self, root: Path, frames: int, height: int, width: int):
+        self.videos = sorted(p for p in (root / "JPEGImages").iterdir() if p.is_dir())
+        self.frames, self.height, self.width = frames, height, width
+
+    def __len__(self):
+        return 10**6
+
+    def __getitem__(self, idx):
+        from PIL import Image
+
+        rng = np.random.default_rng(idx)
+        video = self.videos[idx % len(self.videos)]
+        names = sorted(os.listdir(video))
+        start = int(rng.integers(0, len(names) - self.frames + 1))
+        pixels = torch.empty(self.frames, 3, self.height, self.width)
+        for i, name in enumerate(names[start:start + self.frames]):
+            img = Image.open(video / name).resize((self.width, self.height))
+            pixels[i] = torch.from_numpy(np.asarray(img)).float().permute(2, 0, 1) / 127.5 - 1
+        masks = torch.zeros(self.frames, 1, self.height, self.width)
+        masks[:, :, 64:192, 128:384] = 1
+        return {"pixel_values": pixels, "mask_values": masks}
+
+
+def baseline(src: Path, args, device: torch.device) -> dict:
+    loader = torch.utils.data.DataLoader(PublishedClips(src, args.frames_per_clip, 256, 512),
+                                         batch_size=args.batch_clips, num_workers=args.baseline_workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=2)
+
+    def batches():
+        for b in loader:
+            yield b["pixel_values"].to(device, non_blocking=True), b["mask_values"].to(device, non_blocking=True)
+
+    return measure(batches(), max(4, args.batches // 4), args.batch_clips * args.frames_per_clip, device)
+
+
+def make_dataset(root: Path, args) -> tuple[Path, Path]:
+    from fff_vdi.data.synthetic import write_synthetic_videos
+
+    src = root / "src"
+    t0 = time.perf_counter()
+    write_synthetic_videos(src, num_videos=args.videos, num_frames=args.frames, height=720, width=1280, seed=0,
+                           with_annotations=False)
+    print(f"synthetic 720p set: {args.videos} videos x {args.frames} frames in {time.perf_counter() - t0:.0f}s", flush=True)
+    shards = root / "shards"
+    import subprocess
+
+    subprocess.run([sys.executable, "tools/shard_ytvos.py", "--src", str(src), "--out", str(shards),
+                    "--workers", str(min(8, os.cpu_count() or 1)), "--shard-size", "256MB"],
+                   check=True, cwd=Path(__file__).resolve().parents[1])
+    return src, shards
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, help="where to write the synthetic set (default: a temp folder)")
+    ap.add_argument("--videos", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=40, help="frames per synthetic video")
+    ap.add_argument("--frames-per-clip", type=int, default=25)
+    ap.add_argument("--batch-clips", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--cores", type=int, default=4, help="CPU cores our pipeline may use (affinity)")
+    ap.add_argument("--reader-workers", type=int, default=3)
+    ap.add_argument("--decoder-threads", type=int, default=3)
+    ap.add_argument("--baseline-workers", type=int, default=4)
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="fff_vdi_data_bench_"))
+    src, shards = make_dataset(root, args)
+
+    results = {"card": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "cpu_count": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "clip": {"frames": args.frames_per_clip, "height": 256, "width": 512, "source": "1280x720 JPEG"},
+               "batch_clips": args.batch_clips}
+    all_cores = sorted(os.sched_getaffinity(0))
+    backend = "dali" if device.type == "cuda" else "cpu"
+    os.sched_setaffinity(0, set(all_cores[:args.cores]))  # children (DALI reader workers) inherit it
+    try:
+        results["ours"] = {"backend": backend, "cores_allowed": args.cores, "reader_workers": args.reader_workers,
+                           "decoder_threads": args.decoder_threads, **ours(shards, args, device, backend)}
+    except Exception as e:  # keep the run's other results
+        results["ours"] = {"backend": backend, "error": repr(e)}
+    os.sched_setaffinity(0, set(all_cores))
+    print(json.dumps(results["ours"], indent=1), flush=True)
+    if not args.skip_baseline:
+        results["baseline"] = {"workers": args.baseline_workers, **baseline(src, args, device)}
+        print(json.dumps(results["baseline"], indent=1), flush=True)
+        if "frames_per_s" in results["ours"]:
+            results["speedup"] = results["ours"]["frames_per_s"] / results["baseline"]["frames_per_s"]
+            results["speedup_per_core"] = (results["ours"]["frames_per_s_per_core"]
+                                           / results["baseline"]["frames_per_s_per_core"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print("\n| pipeline | frames/s | cores busy | frames/s per core | host RSS GiB |\n|---|---|---|---|---|")
+    for name in ("ours", "baseline"):
+        r = results.get(name, {})
+        if "frames_per_s" in r:
+            print(f"| {name} | {r['frames_per_s']:.0f} | {r['cpu_cores_busy']:.2f} | {r['frames_per_s_per_core']:.0f} "
+                  f"| {r['host_rss_gib']:.1f} |")
+    if "speedup_per_core" in results:
+        print(f"speedup {results['speedup']:.1f}x, per core {results['speedup_per_core']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
