@@ -1,0 +1,1 @@
+"""Process groups and the one parallelisation step (checkpointing, compile, FSDP2)."""

@@ -1,0 +1,123 @@
+"""The one parallelisation step for the trained UNet, in torchtitan's order:
+
+  1. activation checkpointing per block (off, full, or selective: every n-th block),
+  2. torch.compile per block (in place, so parameter names do not change),
+  3. FSDP2 `fully_shard` per block, then at the root, with bf16 parameters and fp32 gradient
+     reduction; HSDP (replicate across groups, shard within) when `hsdp_replicas` > 1.
+
+"Blocks" are the UNet's top-level stages: the noise refiner, each down block, the mid block and each
+up block. The model code knows nothing of this; frozen networks (VAE, CLIP, RAFT, flow completion)
+stay outside the FSDP tree.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from fff_vdi.config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+def unet_blocks(unet: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute-or-index) of every block, in forward order."""
+    blocks: list[tuple[nn.Module, str]] = [(unet, "noise_refiner")]
+    blocks += [(unet.down_blocks, str(i)) for i in range(len(unet.down_blocks))]
+    blocks.append((unet, "mid_block"))
+    blocks += [(unet.up_blocks, str(i)) for i in range(len(unet.up_blocks))]
+    return blocks
+
+
+def _get(parent: nn.Module, name: str) -> nn.Module:
+    return parent[int(name)] if isinstance(parent, nn.ModuleList) else getattr(parent, name)
+
+
+def _set(parent: nn.Module, name: str, module: nn.Module) -> None:
+    if isinstance(parent, nn.ModuleList):
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+def apply_activation_checkpointing(unet: nn.Module, mode: str, every: int = 2) -> int:
+    """Wrap blocks so their activations are recomputed in backward. Returns the number wrapped."""
+    if mode == "off":
+        return 0
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    wrapped = 0
+    for i, (parent, name) in enumerate(unet_blocks(unet)):
+        if mode == "selective" and i % every != 0:
+            continue
+        _set(parent, name, checkpoint_wrapper(_get(parent, name), preserve_rng_state=False))
+        wrapped += 1
+    return wrapped
+
+
+def apply_compile(unet: nn.Module, **compile_kwargs) -> None:
+    """torch.compile every block in place, with static shapes (`dynamic=False`).
+
+    Blocks of one class run at several sizes (three CrossAttnDownBlockSpatioTemporal at h, h/2,
+    h/4): by default dynamo would recompile the second one with dynamic shapes, whose kernels are
+    slower. With static shapes each block gets its own specialised graph (one cache entry each, well
+    under dynamo's recompile limit). A block with a recurrence over frames (the noise refiner)
+    compiles its step rather than the unrolled loop (`compile_recurrence`). `compile_kwargs` go to
+    torch.compile (e.g. fullgraph=True)."""
+    kwargs = {"dynamic": False, **compile_kwargs}
+    for parent, name in unet_blocks(unet):
+        block = _get(parent, name)
+        if hasattr(block, "compile_recurrence"):
+            block.compile_recurrence(**kwargs)
+        else:
+            block.compile(**kwargs)
+
+
+def build_mesh(world_size: int, device_type: str, hsdp_replicas: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if hsdp_replicas > 1:
+        if world_size % hsdp_replicas:
+            from fff_vdi.errors import ConfigError
+
+            raise ConfigError("experiment.parallel.hsdp_replicas", hsdp_replicas,
+                              f"must divide the number of processes ({world_size})")
+        return init_device_mesh(device_type, (hsdp_replicas, world_size // hsdp_replicas),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+
+
+def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_forward: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Inputs are not cast: sigma, timesteps and time ids must stay float32; the model casts what
+    # meets its weights to the weights' dtype itself.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    blocks = unet_blocks(unet)
+    for i, (parent, name) in enumerate(blocks):
+        # The last block's parameters are needed again first in backward: keep them gathered.
+        fully_shard(_get(parent, name), mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize_unet(unet: nn.Module, cfg: ParallelConfig, world_size: int, device: torch.device,
+                     compile_kwargs: dict | None = None) -> nn.Module:
+    """Apply checkpointing, compile and FSDP2 to `unet` in place (see module docstring).
+    `compile_kwargs` go to torch.compile when cfg.compile is on (benchmarks: fullgraph, backend)."""
+    n = apply_activation_checkpointing(unet, cfg.activation_checkpointing, cfg.selective_every)
+    if cfg.compile:
+        apply_compile(unet, **(compile_kwargs or {}))
+    param_dtype = torch.bfloat16 if cfg.mixed_precision == "bfloat16" else torch.float32
+    use_fsdp = cfg.fsdp and torch.distributed.is_initialized()
+    if not use_fsdp and param_dtype != torch.float32:
+        unet.to(param_dtype)
+    if use_fsdp:
+        mesh = build_mesh(world_size, device.type, cfg.hsdp_replicas)
+        apply_fsdp(unet, mesh, param_dtype, cfg.reshard_after_forward)
+    log.info("parallelize: activation checkpointing %s (%d blocks), compile %s, %s",
+             cfg.activation_checkpointing, n, cfg.compile,
+             f"FSDP2 over {world_size} ranks (HSDP x{cfg.hsdp_replicas})" if use_fsdp else "no FSDP (one process)")
+    return unet

@@ -1,0 +1,1 @@
+"""Training: objective, optimizer, checkpoints, metrics, validation, export and the trainer loop."""

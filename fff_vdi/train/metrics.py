@@ -1,0 +1,120 @@
+"""Step metrics: FLOPs and MFU, throughput, data-wait share, memory; TensorBoard + metrics.jsonl; a heartbeat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak of the H100 SXM and H200 (the chips' datasheet figure; MFU's denominator).
+PEAK_BF16_FLOPS = 989e12
+
+
+def _deform_conv2d_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """Multiply-adds of a modulated deformable 3x3 convolution as a dense convolution of the same
+    shapes (the bilinear sampling is not counted)."""
+    c_out, c_in_per_group, kh, kw = weight_shape
+    return 2 * math.prod(out_shape) * c_in_per_group * kh * kw
+
+
+def _deform_conv2d_backward_flops(grad_shape, input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    c_out, c_in_per_group, kh, kw = weight_shape
+    return 2 * 2 * math.prod(grad_shape) * c_in_per_group * kh * kw  # input and weight gradients
+
+
+def flop_counter():
+    """torch's FlopCounterMode, taught torchvision's deformable convolution (used by the refiner)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    ops = getattr(torch.ops, "torchvision", None)
+    if ops is not None and hasattr(ops, "deform_conv2d"):
+        mapping[torch.ops.torchvision.deform_conv2d.default] = _deform_conv2d_flops
+        mapping[torch.ops.torchvision._deform_conv2d_backward.default] = _deform_conv2d_backward_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_train_flops(run_forward_backward: Callable[[], None]) -> int:
+    """FLOPs of one forward + backward, counted by running it (on the meta device: no memory, no time).
+    Run it on a model without activation checkpointing so that recomputation is not counted."""
+    counter = flop_counter()
+    with counter:
+        run_forward_backward()
+    return int(counter.get_total_flops())
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return 0.0
+
+
+class MetricsWriter:
+    """Rank 0 writes every logged step to TensorBoard and to `<run_dir>/metrics.jsonl`."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(f"train/{k}", v, step)
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+
+    def add_video(self, tag: str, video_btchw_uint8: torch.Tensor, step: int, fps: int = 7) -> None:
+        if self.enabled:
+            self._tb.add_video(tag, video_btchw_uint8, step, fps=fps)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.enabled:
+            self._tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+class Heartbeat:
+    """A daemon thread on every rank logging the step and the seconds since the last finished step,
+    so that a hung collective shows in the logs long before the NCCL timeout fires."""
+
+    def __init__(self, rank: int, every_s: float):
+        self.rank, self.every_s = rank, every_s
+        self.step, self.last = 0, time.monotonic()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Heartbeat":
+        if self.every_s > 0:
+            self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def beat(self, step: int) -> None:
+        self.step, self.last = step, time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            log.info("heartbeat rank %d: step %d, last step finished %.0fs ago",
+                     self.rank, self.step, time.monotonic() - self.last)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,173 @@
+"""The trainer on the CPU with gloo and the tiny pipeline: learning, exact resume (also twice, and from
+two processes to one), preemption by SIGUSR1, and a non-finite loss stopping every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+STEP_SECONDS_BUDGET = 600
+
+
+def overrides(pipeline: Path, shards: Path, out: Path, **extra) -> list[str]:
+    base = {
+        "experiment": "tiny_cpu",
+        "experiment.model.pretrained": str(pipeline),
+        "experiment.model.raft_iters": 2,
+        "experiment.data.shards": str(shards),
+        "experiment.data.num_frames": 4,
+        "experiment.data.height": 128,
+        "experiment.data.width": 128,
+        "experiment.data.num_workers": 0,
+        "experiment.output_dir": str(out),
+        "experiment.trainer.validate_every": 0,
+        "experiment.trainer.export_at_end": "false",
+        "experiment.trainer.progress_bar": "false",
+        "experiment.trainer.deterministic": "true",
+        "experiment.trainer.checkpoint_every": 1,
+        "experiment.trainer.keep_checkpoints": 10,
+        "experiment.trainer.max_steps": 6,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def launch(args: list[str], nproc: int, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "launch/train.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=STEP_SECONDS_BUDGET,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step losses from metrics.jsonl (a resumed run appends; a step logged twice must agree)."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert out.get(rec["step"], rec["loss"]) == rec["loss"]
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def seed_run_from(checkpoint: Path, run_dir: Path) -> None:
+    """A new run folder whose only checkpoint is a copy of `checkpoint` (what a resumed job sees)."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_pipeline, synthetic_shards, tmp_path_factory) -> Path:
+    """Six deterministic steps on two processes, a checkpoint after every step."""
+    run = tmp_path_factory.mktemp("train") / "straight"
+    launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2)
+    return run
+
+
+def test_straight_run_writes_everything(straight_run):
+    steps = losses(straight_run)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    ckpts = sorted(p.name for p in (straight_run / "checkpoints").iterdir())
+    assert ckpts == [f"step-{s:08d}" for s in range(1, 7)]
+    assert all((straight_run / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
+    state = json.loads((straight_run / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert state["data"]["position"] == 6 * 2  # 6 global batches of 2 ranks x 1 clip
+    assert sorted(os.listdir(straight_run / "checkpoints" / "step-00000006" / "rng")) == ["rank-00000.pt", "rank-00001.pt"]
+    assert (straight_run / "config.yaml").exists()
+    assert sorted(os.listdir(straight_run / "logs")) == ["rank-00000.log", "rank-00001.log"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (straight_run / "tensorboard").iterdir())
+    record = json.loads((straight_run / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss", "lr", "grad_norm", "clips_per_s", "frames_per_s", "data_wait_share", "peak_memory_gib"):
+        assert key in record
+
+
+def test_resume_gives_the_same_losses_once_and_twice(straight_run, tiny_pipeline, synthetic_shards, tmp_path):
+    expected = losses(straight_run)
+    # 3 steps + resume to 6.
+    once = tmp_path / "once"
+    seed_run_from(straight_run / "checkpoints" / "step-00000003", once)
+    launch(overrides(tiny_pipeline, synthetic_shards, once), nproc=2)
+    assert losses(once) == {s: expected[s] for s in (4, 5, 6)}
+    # 2 steps + resume to 4 + resume to 6.
+    twice = tmp_path / "twice"
+    seed_run_from(straight_run / "checkpoints" / "step-00000002", twice)
+    launch(overrides(tiny_pipeline, synthetic_shards, twice, **{"experiment.trainer.stop_after_steps": 2}), nproc=2)
+    launch(overrides(tiny_pipeline, synthetic_shards, twice), nproc=2)
+    assert losses(twice) == {s: expected[s] for s in (3, 4, 5, 6)}
+
+
+def test_two_processes_resume_as_one(straight_run, tiny_pipeline, synthetic_shards, tmp_path):
+    run = tmp_path / "one"
+    seed_run_from(straight_run / "checkpoints" / "step-00000003", run)
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.max_steps": 5}), nproc=1)
+    assert "saved on 2 ranks, resuming on 1" in proc.stderr
+    assert sorted(losses(run)) == [4, 5]
+    state = json.loads((run / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert state["data"]["position"] == 3 * 2 + 2 * 1  # the stream continues where two ranks left it
+
+
+def test_loss_falls_when_overfitting_one_clip(tiny_pipeline, synthetic_shards, tmp_path):
+    """Paired comparison: the same 12 steps (same clips, noise, sigmas, masks) with and without
+    learning; training every parameter at a high rate must lower the loss on the later steps."""
+    common = {"experiment.trainer.trainable": "all", "experiment.trainer.max_steps": 12,
+              "experiment.trainer.checkpoint_every": 100, "experiment.data.crop_scale": "[1.0,1.0]",
+              "experiment.data.hflip_prob": 0.0, "experiment.data.frame_steps": "[1]"}
+    learn, frozen = tmp_path / "learn", tmp_path / "frozen"
+    launch(overrides(tiny_pipeline, synthetic_shards, learn, **common, **{"experiment.optim.lr": 3e-3}), nproc=1)
+    launch(overrides(tiny_pipeline, synthetic_shards, frozen, **common, **{"experiment.optim.lr": 1e-12}), nproc=1)
+    a, b = losses(learn), losses(frozen)
+    assert a[1] == b[1]  # identical first step: same data, same draws
+    late = range(7, 13)
+    assert sum(a[s] for s in late) < 0.8 * sum(b[s] for s in late), (a, b)
+
+
+def test_sigusr1_saves_a_complete_checkpoint_and_exits_cleanly(tiny_pipeline, synthetic_shards, tmp_path):
+    run = tmp_path / "preempt"
+    args = overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.max_steps": 200,
+                                                              "experiment.trainer.checkpoint_every": 1000})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "launch/train.py", *args]
+    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert (run / "metrics.jsonl").exists(), "training never logged a step"
+        # Like the sbatch template: signal the workers (children of the torchrun agent), not the agent.
+        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(int(pid), signal.SIGUSR1)
+        out, err = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, err[-4000:]
+    assert "preemption signal (SIGUSR1)" in err
+    done = [p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert len(done) == 1
+    step = json.loads((done[0] / "state.json").read_text())["step"]
+    assert 1 <= step < 200 and max(losses(run)) == step
+
+
+def test_non_finite_loss_stops_every_rank_with_the_step(tiny_pipeline, synthetic_shards, tmp_path):
+    run = tmp_path / "nan"
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.inject_nan_at_step": 2}),
+                  nproc=2, check=False)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        log = (run / "logs" / f"rank-{rank:05d}.log").read_text()
+        assert "non-finite loss at step 2" in log
+    assert max(losses(run)) == 1  # step 2 never completed
