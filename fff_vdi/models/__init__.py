@@ -7,6 +7,7 @@
     raft.py             torchvision RAFT-large, raft-things.pth key conversion, bidirectional flows
     flow_completion.py  ProPainter's recurrent flow completion network
     encoders.py         VAE encode/decode and CLIP image embedding helpers
+    fast_paths.py       opt-in exact rewrites of UNet hot paths (temporal convs as 2-D, single-key cross-attention)
     loading.py          local / Hugging Face weight files and the errors that explain them
     components.py       Components: load_components, build_random_components, save_pipeline
     configs/            bundled configs: svd_xt (full size) and tiny (tests, quick start)

@@ -87,6 +87,15 @@ def _blur_along(images: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.T
     return F.conv2d(padded, weight.expand(c, 1, *weight.shape[-2:]), groups=c)
 
 
+def device_constants(values, like: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor of Python numbers in `like`'s dtype on its device, made by fills on the device.
+
+    `torch.tensor(values, device="cuda")` builds the tensor on the CPU and copies it over, and that
+    copy waits until the GPU has finished all queued work: a full synchronisation in the middle of a
+    training step."""
+    return torch.stack([torch.full((), float(v), dtype=like.dtype, device=like.device) for v in values])
+
+
 def clip_input_size(feature_extractor) -> tuple[int, int]:
     """(height, width) that the CLIP image encoder takes: the processor's crop size (224 for SVD)."""
     crop = feature_extractor.crop_size
@@ -101,8 +110,8 @@ def encode_image_embedding(image_encoder, feature_extractor, images_bchw: torch.
     """
     images = resize_with_antialiasing(images_bchw.float(), clip_input_size(feature_extractor))
     images = (images + 1.0) / 2.0
-    mean = torch.tensor(feature_extractor.image_mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(feature_extractor.image_std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean = device_constants(feature_extractor.image_mean, images).view(1, -1, 1, 1)
+    std = device_constants(feature_extractor.image_std, images).view(1, -1, 1, 1)
     images = (images - mean) / std
     dtype = next(image_encoder.parameters()).dtype
     return image_encoder(pixel_values=images.to(dtype)).image_embeds.unsqueeze(1)

@@ -88,6 +88,11 @@ class SecondOrderPropagation(nn.Module):
             }
         )
         self.fusion = nn.Conv2d(2 * channels, channels, 1, 1, 0)
+        self._compiled_step = None
+
+    def compile_recurrence(self, **compile_kwargs) -> None:
+        """torch.compile the recurrent step (one graph per direction, reused for every frame)."""
+        self._compiled_step = torch.compile(self.recurrent_step, **{"dynamic": False, **compile_kwargs})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c, h, w = x.shape
@@ -100,19 +105,31 @@ class SecondOrderPropagation(nn.Module):
         """One pass; returns the propagated features per frame, in frame order."""
         t = x.shape[1]
         frame_order = range(t - 1, -1, -1) if direction == "backward_" else range(t)
-        align, refine = self.deform_align[direction], self.backbone[direction]
+        step_fn = self._compiled_step or self.recurrent_step
         produced: list[torch.Tensor] = []  # in processing order
         state = x.new_zeros(x.shape[0], self.channels, *x.shape[-2:])
         for step, frame in enumerate(frame_order):
             current = x[:, frame]
-            if step > 0:
+            earlier = earlier_pass[frame] if earlier_pass is not None else None
+            if step == 0:
+                state = self._refine(direction, state, current, earlier)
+            else:
                 # Second order: the states of the last two steps (zeros before there are two).
                 second = produced[-2] if step > 1 else torch.zeros_like(state)
-                state = align(torch.cat([state, second], dim=1), torch.cat([state, current, second], dim=1))
-            inputs = [current] + ([earlier_pass[frame]] if earlier_pass is not None else []) + [state]
-            state = state + refine(torch.cat(inputs, dim=1))
+                state = step_fn(direction, state, second, current, earlier)
             produced.append(state)
         return produced[::-1] if direction == "backward_" else produced
+
+    def recurrent_step(
+        self, direction: str, state: torch.Tensor, second: torch.Tensor, current: torch.Tensor, earlier: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Align the last two states [n-1, n-2] to the current frame, then refine."""
+        state = self.deform_align[direction](torch.cat([state, second], dim=1), torch.cat([state, current, second], dim=1))
+        return self._refine(direction, state, current, earlier)
+
+    def _refine(self, direction: str, state: torch.Tensor, current: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor:
+        inputs = [current] + ([earlier] if earlier is not None else []) + [state]
+        return state + self.backbone[direction](torch.cat(inputs, dim=1))
 
 
 class EdgeDetector(nn.Module):
@@ -154,6 +171,15 @@ class FlowCompletionNet(nn.Module):
         self.decoder1 = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1), nn.LeakyReLU(0.2), UpConv(64, 32), nn.LeakyReLU(0.2))
         self.upsample = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.LeakyReLU(0.2), UpConv(32, 2))
         self.edgeDetector = EdgeDetector()
+
+    def compile_parts(self, **compile_kwargs) -> None:
+        """torch.compile the encoder and decoder stages and the propagation's recurrent step, each
+        with static shapes: small graphs, where compiling `complete` whole would unroll the
+        recurrence over every frame of both directions."""
+        kwargs = {"dynamic": False, **compile_kwargs}
+        for stage in (self.downsample, self.encoder1, self.encoder2, self.mid_dilation, self.decoder2, self.decoder1, self.upsample):
+            stage.compile(**kwargs)
+        self.feat_prop_module.compile_recurrence(**kwargs)
 
     @torch.no_grad()
     def forward(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.optical_flow import raft_large
-from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
+from torchvision.models.optical_flow._utils import grid_sample, make_coords_grid, upsample_flow
 
 from fff_vdi.errors import InputError, WeightsError
 from fff_vdi.models.loading import RAFT_URL, describe_key_mismatch, read_torch_state_dict, strict_load
@@ -82,18 +82,53 @@ def check_raft_size(height: int, width: int) -> None:
         )
 
 
+def index_correlation_pyramid(pyramid: list[torch.Tensor], centroids_coords: torch.Tensor, radius: int) -> torch.Tensor:
+    """torchvision's `CorrBlock.index_pyramid` on an explicit pyramid, with its lookup offsets made
+    on the coordinates' device: torchvision builds them on the CPU and copies them over at every
+    iteration, and that copy waits for the GPU to finish all queued work (a full sync per iteration).
+
+    Returns the correlation features (N, levels * (2r+1)^2, h, w) for coordinates (N, 2, h, w).
+    """
+    side = 2 * radius + 1
+    d = torch.linspace(-radius, radius, side, device=centroids_coords.device)
+    delta = torch.stack(torch.meshgrid(d, d, indexing="ij"), dim=-1).view(1, side, side, 2)
+    n, _, h, w = centroids_coords.shape
+    coords = centroids_coords.permute(0, 2, 3, 1).reshape(n * h * w, 1, 1, 2)
+    indexed = []
+    for corr_volume in pyramid:
+        indexed.append(grid_sample(corr_volume, coords + delta, align_corners=True, mode="bilinear").view(n, h, w, -1))
+        coords = coords / 2
+    return torch.cat(indexed, dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
 class RAFTFlow(nn.Module):
     """torchvision's RAFT-large, returning only the final upsampled flow.
 
     Unlike torchvision's forward (which upsamples the flow at every iteration and keeps them all),
     only the last iteration's flow is upsampled; the result is the same. The coordinates and the
     correlation lookups stay in float32 whatever the weights' dtype, so the network can run in
-    bfloat16 without losing sub-pixel precision; the flow is returned in float32.
+    bfloat16 without losing sub-pixel precision; the flow is returned in float32. Nothing in a call
+    waits for the GPU, and `compile_iterations()` compiles the refinement step that runs `iters` times.
     """
 
     def __init__(self):
         super().__init__()
         self.raft = raft_large(weights=None, progress=False)
+        self._compiled_iteration = None
+
+    def compile_iterations(self, **compile_kwargs) -> None:
+        """torch.compile the per-iteration update (correlation lookup, motion encoder, GRU, flow
+        head): one graph with static shapes, reused by every iteration of every call."""
+        self._compiled_iteration = torch.compile(self.iteration, dynamic=False, **compile_kwargs)
+
+    def iteration(
+        self, pyramid: list[torch.Tensor], hidden: torch.Tensor, context: torch.Tensor, coords0: torch.Tensor, coords1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One refinement: the hidden state and the coordinates (float32) after it."""
+        raft = self.raft
+        corr = index_correlation_pyramid(pyramid, coords1, raft.corr_block.radius)
+        hidden, delta = raft.update_block(hidden, context, corr.to(hidden.dtype), (coords1 - coords0).to(hidden.dtype))
+        return hidden, coords1 + delta.float()
 
     @torch.no_grad()
     def forward(self, image1: torch.Tensor, image2: torch.Tensor, iters: int = 12) -> torch.Tensor:
@@ -110,22 +145,20 @@ class RAFTFlow(nn.Module):
 
         fmap1, fmap2 = torch.chunk(raft.feature_encoder(torch.cat([image1, image2], dim=0)), chunks=2, dim=0)
         raft.corr_block.build_pyramid(fmap1.float(), fmap2.float())
+        # torchvision keeps the correlation pyramid on the module: take it off (it is the largest
+        # tensor of the computation, and must not outlive the call).
+        pyramid, raft.corr_block.corr_pyramid = raft.corr_block.corr_pyramid, []
         context_out = raft.context_encoder(image1)
         hidden_size = raft.update_block.hidden_state_size
         hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
         hidden, context = torch.tanh(hidden), torch.relu(context)
 
-        coords0 = make_coords_grid(n, h // 8, w // 8).to(image1.device)
+        coords0 = make_coords_grid(n, h // 8, w // 8, device=image1.device)
         coords1 = coords0.clone()
+        iteration = self._compiled_iteration or self.iteration
         for _ in range(iters):
-            corr = raft.corr_block.index_pyramid(centroids_coords=coords1)
-            hidden, delta = raft.update_block(hidden, context, corr.to(dtype), (coords1 - coords0).to(dtype))
-            coords1 = coords1 + delta.float()
-        flow = upsample_flow(coords1 - coords0, up_mask=raft.mask_predictor(hidden).float())
-        # torchvision keeps the correlation pyramid on the module after the call: drop it (it is
-        # the largest tensor of the computation).
-        raft.corr_block.corr_pyramid = []
-        return flow
+            hidden, coords1 = iteration(pyramid, hidden, context, coords0, coords1)
+        return upsample_flow(coords1 - coords0, up_mask=raft.mask_predictor(hidden).float())
 
     def bidirectional(
         self, frames_btchw: torch.Tensor, iters: int = 20, max_pairs_per_call: int | None = None

@@ -71,6 +71,13 @@ class NoiseRefiner(nn.Module):
         self.deform_align = nn.ModuleDict({name: FlowGuidedDeformAlign(channels, deform_groups) for name in (BACKWARD, FORWARD)})
         self.backbone = nn.ModuleDict({name: _refine_block(channels) for name in (BACKWARD, FORWARD)})
         self.fuse = _refine_block(channels)
+        self._compiled_step = None
+
+    def compile_recurrence(self, **compile_kwargs) -> None:
+        """torch.compile the recurrent step (warp, align, refine) instead of the unrolled loop: one
+        small graph per direction with static shapes, reused for every frame; compiling the whole
+        module would trace 2(T-1) copies of it (minutes of compilation at T = 25)."""
+        self._compiled_step = torch.compile(self.recurrent_step, **{"dynamic": False, **compile_kwargs})
 
     def forward(
         self,
@@ -105,21 +112,27 @@ class NoiseRefiner(nn.Module):
         forward pass warps frame k's state into frame k+1 with the backward flow k+1 -> k.
         """
         b, t, c, h, w = features.shape
-        align, refine = self.deform_align[direction], self.backbone[direction]
+        refine = self.backbone[direction]
         # The validity of each flow depends on the flows only, so it is computed for all frames at once.
         validity = forward_backward_validity(flows_along.flatten(0, 1), flows_against.flatten(0, 1)).view(b, t - 1, 1, h, w)
         frame_order = range(t - 1, -1, -1) if direction == BACKWARD else range(t)
+        step_fn = self._compiled_step or self.recurrent_step
         outputs: list[torch.Tensor | None] = [None] * t
         for step, frame in enumerate(frame_order):
             current, mask = features[:, frame], masks[:, frame]
             if step == 0:
-                state = current
+                state = current + refine(torch.cat([current, current, mask], dim=1))
             else:
                 k = frame if direction == BACKWARD else frame - 1
-                flow = flows_along[:, k]
-                warped = flow_warp(state, flow)
-                condition = torch.cat([current, warped, flow.to(current.dtype), validity[:, k].to(current.dtype), mask], dim=1)
-                state = align(state, condition, flow)
-            state = state + refine(torch.cat([current, state, mask], dim=1))
+                state = step_fn(direction, state, current, mask, flows_along[:, k], validity[:, k])
             outputs[frame] = state
         return torch.stack(outputs, dim=1)
+
+    def recurrent_step(
+        self, direction: str, state: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, flow: torch.Tensor, validity: torch.Tensor
+    ) -> torch.Tensor:
+        """The propagated state warped along `flow` into the current frame, aligned, refined."""
+        warped = flow_warp(state, flow)
+        condition = torch.cat([current, warped, flow.to(current.dtype), validity.to(current.dtype), mask], dim=1)
+        state = self.deform_align[direction](state, condition, flow)
+        return state + self.backbone[direction](torch.cat([current, state, mask], dim=1))

@@ -1,0 +1,143 @@
+"""bench/train_step.py on the CPU with the tiny model, and the exactness of what it switches on for speed."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_tool
+
+TINY = ["--model", "tiny", "--frames", "4", "--height", "128", "--width", "128", "--steps", "1", "--warmup", "1",
+        "--raft-iters", "2", "--device", "cpu"]
+PHASES = ("raft", "flow_completion", "vae", "clip", "unet_forward", "backward", "optimizer", "other", "data_wait")
+
+
+def load_bench():
+    if "bench_train_step" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "train_step.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["bench_train_step"]
+
+
+@pytest.mark.slow
+def test_both_configurations_run_and_report(tmp_path):
+    out = tmp_path / "train_step.json"
+    proc = run_tool("bench/train_step.py", *TINY, "--out", str(out))
+    report = json.loads(out.read_text())
+    for key in ("card", "torch", "diffusers", "world_size", "shape", "configs", "notes"):
+        assert key in report, key
+    assert report["world_size"] == 1 and report["shape"] == {"frames": 4, "height": 128, "width": 128}
+    published, ours = report["configs"]
+    assert (published["kind"], ours["kind"]) == ("published", "ours")
+    for r in (published, ours):
+        assert r["status"] == "ok", r.get("traceback")
+        assert set(PHASES) <= set(r["phases_s"]) and r["phases_s"]["data_wait"] == 0.0
+        assert all(v >= 0 for v in r["phases_s"].values())
+        assert r["phases_s"]["raft"] > 0 and r["phases_s"]["unet_forward"] > 0 and r["phases_s"]["backward"] > 0
+        assert r["step_s"] > 0 and r["clips_per_s_per_gpu"] == pytest.approx(r["batch_per_gpu"] / r["step_s"])
+        assert r["unet_mfu"] > 0 and r["step_mfu"] > 0 and r["unet_flops_per_step"] > 0
+        assert r["loss_finite"]
+        assert r["speedup_vs_published"] == pytest.approx(r["clips_per_s_per_gpu"] / published["clips_per_s_per_gpu"])
+    assert published["settings"] == {"batch": 1, "raft_iters": 2}
+    assert ours["settings"]["compile"] is False and ours["settings"]["fast_paths"] is True  # "auto" resolved for the CPU
+    # The fast paths remove work: fewer FLOPs as run than in the published model's count.
+    assert ours["unet_flops_per_clip"] < ours["reference_unet_flops_per_clip"] == published["unet_flops_per_clip"]
+    assert "| config |" in "\n".join(proc.stdout.strip().splitlines()[-8:])  # the table is printed last
+
+
+@pytest.mark.slow
+def test_compiled_path_traces_without_graph_breaks(tmp_path):
+    """What the GPU run compiles (UNet blocks under FSDP2, the frozen networks), traced by dynamo with
+    its eager backend: cheap on the CPU, and it fails on what would break or split the graphs."""
+    out = tmp_path / "compiled.json"
+    spec = "ours:compile=1:frozen_compile=1:compile_backend=eager:fullgraph=1"
+    run_tool("bench/train_step.py", *TINY, "--configs", spec, "--out", str(out))
+    (r,) = json.loads(out.read_text())["configs"]
+    assert r["status"] == "ok", r.get("traceback")
+    assert r["compile"]["graph_breaks"] == 0 and r["compile"]["unique_graphs"] > 10
+
+
+def test_spec_parsing_names_the_bad_key():
+    bench = load_bench()
+    args = bench.parse_args(TINY)
+    (spec,) = bench.parse_specs("ours:batch=2:ac=selective:overlap=1", args, torch.device("cpu"))
+    assert spec.settings["batch"] == 2 and spec.settings["ac"] == "selective"
+    assert spec.settings["overlap"] is False  # CUDA streams only
+    with pytest.raises(ValueError, match="raft_iter"):
+        bench.parse_specs("ours:raft_iter=3", args, torch.device("cpu"))
+    with pytest.raises(ValueError, match="key of published"):
+        bench.parse_specs("published:compile=1", args, torch.device("cpu"))
+    with pytest.raises(ValueError, match="ac='some'"):
+        bench.parse_specs("ours:ac=some", args, torch.device("cpu"))
+
+
+def test_flop_count_is_the_trainers():
+    from fff_vdi.models.components import build_random_components
+    from fff_vdi.train.optim import mark_trainable
+    from fff_vdi.train.trainer import unet_train_flops
+
+    bench = load_bench()
+    unet = build_random_components("tiny", meta=True).unet
+    config = dict(unet.config)
+    trained = set(mark_trainable(unet, "temporal"))
+    expected = unet_train_flops(config, trained, 1, 4, 128, 128, unet.config.out_channels, unet.config.cross_attention_dim)
+    assert bench.unet_flops(config, 1, 4, 128, 128, fast_paths=False) == expected
+
+
+def test_fast_paths_keep_outputs_and_gradients():
+    from fff_vdi.models.components import build_random_components
+    from fff_vdi.models.fast_paths import apply_fast_paths
+    from fff_vdi.train.optim import mark_trainable
+
+    reference = build_random_components("tiny", seed=0).unet
+    mark_trainable(reference, "temporal")
+    fast = copy.deepcopy(reference)
+    changed = apply_fast_paths(fast)
+    assert changed["temporal_convs"] > 0 and changed["single_key_cross_attention"] > 0
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h, w = 1, 4, 128, 128
+    inputs = (torch.randn(b, t, 8, h // 8, w // 8, generator=g), (torch.rand(b, t, 1, h, w, generator=g) > 0.5).float(),
+              (torch.randn(b, t - 1, 2, h, w, generator=g), torch.randn(b, t - 1, 2, h, w, generator=g)),
+              torch.tensor([0.3]), torch.randn(b, 1, reference.config.cross_attention_dim, generator=g),
+              torch.tensor([[7.0, 127.0, 0.02]]))
+    outs = []
+    for model in (reference, fast):
+        model.train()
+        out = model(*inputs)
+        out.square().mean().backward()
+        outs.append(out)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5 * outs[0].abs().max()
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        if q.grad is None:
+            # Only what feeds the query of a one-key cross-attention loses its (exactly zero) gradient.
+            assert p.grad is None or p.grad.abs().max() < 1e-8, name
+            continue
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-9, name
+
+
+def test_downscaled_flows_come_back_at_full_size():
+    from fff_vdi.config import ObjectiveConfig
+    from fff_vdi.models.components import build_random_components
+    from fff_vdi.train.objective import FrozenConditioner
+
+    components = build_random_components("tiny", seed=0)
+    conditioner = FrozenConditioner(components, ObjectiveConfig(), 1, torch.float32, torch.device("cpu"), flow_scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, 3, 256, 256, generator=g) * 2 - 1
+    masks = torch.zeros(1, 3, 1, 256, 256)
+    masks[..., 100:150, 60:200] = 1
+    with torch.no_grad():
+        forward, backward = conditioner.flows(pixels, masks)
+    assert forward.shape == backward.shape == (1, 2, 2, 256, 256)
+    assert torch.isfinite(forward).all() and torch.isfinite(backward).all()
+    with pytest.raises(ValueError, match="flow_scale"):
+        FrozenConditioner(components, ObjectiveConfig(), 1, torch.float32, torch.device("cpu"), flow_scale=0.0)
