@@ -73,6 +73,7 @@ def ours(shards: Path, args, device: torch.device, backend: str) -> dict:
     cfg = DataConfig(shards=str(shards), num_frames=args.frames_per_clip, height=256, width=512,
                      batch_size=args.batch_clips, frame_steps=[1, 2], masks=MaskConfig(),
                      num_workers=args.reader_workers, decoder_threads=args.decoder_threads,
+                     hw_decoder_load=args.hw_decoder_load, prefetch=args.prefetch,
                      short_video_policy="smaller_step", backend=backend)
     loader = ClipLoader(cfg, device=device)
     try:
@@ -123,12 +124,13 @@ def baseline(src: Path, args, device: torch.device) -> dict:
 def make_dataset(root: Path, args) -> tuple[Path, Path]:
     from fff_vdi.data.synthetic import write_synthetic_videos
 
-    src = root / "src"
+    src, shards = root / "src", root / "shards"
+    if (shards / "manifest.json").exists():  # a set from an earlier run in --workdir
+        return src, shards
     t0 = time.perf_counter()
     write_synthetic_videos(src, num_videos=args.videos, num_frames=args.frames, height=720, width=1280, seed=0,
                            with_annotations=False)
     print(f"synthetic 720p set: {args.videos} videos x {args.frames} frames in {time.perf_counter() - t0:.0f}s", flush=True)
-    shards = root / "shards"
     import subprocess
 
     subprocess.run([sys.executable, "tools/shard_ytvos.py", "--src", str(src), "--out", str(shards),
@@ -149,6 +151,8 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=4, help="CPU cores our pipeline may use (affinity)")
     ap.add_argument("--reader-workers", type=int, default=3)
     ap.add_argument("--decoder-threads", type=int, default=3)
+    ap.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load)
+    ap.add_argument("--prefetch", type=int, default=DataConfig.prefetch)
     ap.add_argument("--baseline-workers", type=int, default=4)
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()

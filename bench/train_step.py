@@ -439,17 +439,6 @@ def build_published(s: dict, args, dist, components) -> Built:
                  counters={"grad_scaler_skipped_steps": skipped_steps})
 
 
-def compile_frozen(conditioner: FrozenConditioner, backend: str) -> None:
-    """The frozen networks' heavy parts, compiled with static shapes (inference graphs)."""
-    kw = {"dynamic": False, "backend": backend}
-    conditioner.vae.encoder.compile(**kw)
-    raft = conditioner.raft
-    raft.raft.feature_encoder.compile(**kw)
-    raft.raft.context_encoder.compile(**kw)
-    raft.compile_iterations(backend=backend)
-    conditioner.flow_completion.compile_parts(backend=backend)
-
-
 def build_ours(s: dict, args, dist, components) -> Built:
     device = dist.device
     notes = []
@@ -461,7 +450,8 @@ def build_ours(s: dict, args, dist, components) -> Built:
     mark_trainable(unet, "temporal")
     unet.train()
     pcfg = ParallelConfig(activation_checkpointing=s["ac"], selective_every=s["ac_every"], compile=s["compile"],
-                          fsdp=True, reshard_after_forward=s["reshard"], mixed_precision="bfloat16")
+                          fsdp=True, reshard_after_forward=s["reshard"], mixed_precision="bfloat16",
+                          force_channels_last=s["layout_opt"] == "force", fast_paths=s["fast_paths"])
     compile_kwargs = {"fullgraph": s["fullgraph"], "backend": s["compile_backend"]}
     unet = parallelize_unet(unet, pcfg, dist.world_size, device, compile_kwargs=compile_kwargs)
     params = trainable_parameters(unet)
@@ -474,7 +464,7 @@ def build_ours(s: dict, args, dist, components) -> Built:
         for module in (conditioner.vae, conditioner.raft, conditioner.flow_completion):
             torch.nn.Module.to(module, memory_format=torch.channels_last)  # 4-D weights only
     if s["frozen_compile"]:
-        compile_frozen(conditioner, s["compile_backend"])
+        conditioner.compile(backend=s["compile_backend"])
     compute_dtype = torch.bfloat16
     state = {"last_loss": None, "nonfinite": 0}
 

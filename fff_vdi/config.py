@@ -140,9 +140,14 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    activation_checkpointing: str = "off"  # "off", "full", "selective"
-    selective_every: int = 2  # with "selective": checkpoint every n-th block
-    compile: bool = False  # per-block torch.compile
+    # Recomputed in backward: "off", "full" (every resnet, attention and resampler of the UNet, and
+    # the refiner), "selective" (every n-th of those).
+    activation_checkpointing: str = "off"
+    selective_every: int = 2  # with "selective": checkpoint every n-th unit
+    compile: bool = False  # per-block torch.compile of the UNet
+    compile_frozen: bool = False  # also compile the frozen networks' heavy parts (VAE encoder, RAFT, flow completion)
+    force_channels_last: bool = True  # with compile: inductor's channels-last layout for every conv graph
+    fast_paths: bool = True  # exact rewrites of UNet hot paths (fff_vdi/models/fast_paths.py)
     fsdp: bool = True  # False only for debugging: the UNet is then cast to mixed_precision whole
     reshard_after_forward: bool = True
     hsdp_replicas: int = 1  # >1: HSDP, replicate across this many groups (nodes), shard within

@@ -95,9 +95,12 @@ def index_correlation_pyramid(pyramid: list[torch.Tensor], centroids_coords: tor
     n, _, h, w = centroids_coords.shape
     coords = centroids_coords.permute(0, 2, 3, 1).reshape(n * h * w, 1, 1, 2)
     indexed = []
-    for corr_volume in pyramid:
-        indexed.append(grid_sample(corr_volume, coords + delta, align_corners=True, mode="bilinear").view(n, h, w, -1))
-        coords = coords / 2
+    # One lookup per pixel of every pair: the batch is N*h*w, which cuDNN's grid sampler refuses past
+    # about 100k (48 pairs at 1024x576, or 2 clips at 512x256); the native kernel has no such limit.
+    with torch.backends.cudnn.flags(enabled=False):
+        for corr_volume in pyramid:
+            indexed.append(grid_sample(corr_volume, coords + delta, align_corners=True, mode="bilinear").view(n, h, w, -1))
+            coords = coords / 2
     return torch.cat(indexed, dim=-1).permute(0, 3, 1, 2).contiguous()
 
 

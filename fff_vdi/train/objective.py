@@ -75,6 +75,16 @@ class FrozenConditioner:
         self.dtype = dtype
         self.device = device
 
+    def compile(self, **compile_kwargs) -> None:
+        """torch.compile the heavy parts with static shapes (inference graphs): the VAE encoder, RAFT's
+        encoders and refinement step, and flow completion's stages."""
+        kwargs = {"dynamic": False, **compile_kwargs}
+        self.vae.encoder.compile(**kwargs)
+        self.raft.raft.feature_encoder.compile(**kwargs)
+        self.raft.raft.context_encoder.compile(**kwargs)
+        self.raft.compile_iterations(**{k: v for k, v in kwargs.items() if k != "dynamic"})
+        self.flow_completion.compile_parts(**{k: v for k, v in kwargs.items() if k != "dynamic"})
+
     def flows(self, pixels: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RAFT on the unmasked frames (published quirk: the flow sees the hole's content), then
         flow completion inside the holes."""

@@ -152,6 +152,10 @@ class Trainer:
 
         self.unet_config = dict(unet.config)
         self.compute_dtype = DTYPES[cfg.parallel.mixed_precision]
+        if cfg.parallel.fast_paths:
+            from fff_vdi.models.fast_paths import apply_fast_paths
+
+            log.info("UNet fast paths: %s", apply_fast_paths(unet))
         unet.to(self.device)
         unet.train()
         self.unet = parallelize_unet(unet, cfg.parallel, self.dist.world_size, self.device)
@@ -163,6 +167,8 @@ class Trainer:
 
         self.conditioner = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters,
                                              DTYPES[cfg.model.frozen_dtype], self.device)
+        if cfg.parallel.compile_frozen:
+            self.conditioner.compile()
         self.components = components  # frozen networks (and the export's template)
         self.loader = ClipLoader(cfg.data, self.dist.rank, self.dist.world_size, self.device)
         log.info("data: %d videos in %s (%s backend), %d global batches per epoch", len(self.loader.source),
