@@ -1,9 +1,9 @@
 # Shared by the sbatch templates: environment, NCCL settings and SIGUSR1 forwarding.
 # Sourced by train_1node.sbatch and train_multinode.sbatch; edit the lines marked EDIT for your cluster.
 
-# EDIT: activate the environment made by scripts/setup_env.sh (or your module system).
-source "${FFF_VDI_REPO:?set FFF_VDI_REPO to the repository path}/.venv/bin/activate"
-cd "$FFF_VDI_REPO"
+# EDIT: activate the environment made by scripts/setup_env.sh (or load your module system's).
+cd "${FFF_VDI_REPO:?set FFF_VDI_REPO to the repository path}"
+if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
 
 # NCCL: fail fast instead of hanging; keep NVLink multicast (NVLS) off where the cluster asks for it.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
@@ -16,12 +16,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
 # Slurm sends SIGUSR1 to this batch shell 300 s before the time limit (--signal=B:USR1@300).
 # torchrun does not forward USR1 to its workers, so send it to every torchrun agent's children
-# (the training processes) on every node. They save a checkpoint at the next step boundary,
-# rank 0 requeues the job, and everyone exits 0; the requeued job resumes (trainer.resume=auto).
+# (the training processes) on every node; "[t]" keeps pgrep from matching its own command line.
+# They save a checkpoint at the next step boundary, rank 0 requeues the job, and everyone exits 0;
+# the requeued job resumes (trainer.resume=auto).
 forward_usr1() {
   echo "$(date +%T) batch script: SIGUSR1 received, forwarding to the training processes"
   srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c \
-    'for agent in $(pgrep -f "torchrun.*launch/train.py"); do pkill -USR1 -P "$agent"; done' || true
+    'for agent in $(pgrep -f "[t]orchrun.*launch/train.py"); do pkill -USR1 -P "$agent"; done' || true
 }
 trap forward_usr1 USR1
 

@@ -171,3 +171,29 @@ def test_non_finite_loss_stops_every_rank_with_the_step(tiny_pipeline, synthetic
         log = (run / "logs" / f"rank-{rank:05d}.log").read_text()
         assert "non-finite loss at step 2" in log
     assert max(losses(run)) == 1  # step 2 never completed
+
+
+def test_two_nodes_match_one_node_and_resume_on_one(straight_run, tiny_pipeline, synthetic_shards, tmp_path):
+    """Two torchrun agents with --nnodes 2 and a c10d rendezvous on localhost (how the multi-node
+    sbatch template starts them) train exactly like one node, and their checkpoint resumes on one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "two_nodes"
+    args = overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.max_steps": 3})
+    agents = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fff-vdi-test",
+                          "launch/train.py", *args],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for _ in range(2)
+    ]
+    outputs = [a.communicate(timeout=STEP_SECONDS_BUDGET)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    expected = losses(straight_run)
+    assert losses(run) == {s: expected[s] for s in (1, 2, 3)}
+    launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2)  # one node, 2 processes, to step 6
+    assert losses(run) == expected

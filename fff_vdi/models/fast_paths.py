@@ -103,3 +103,25 @@ def apply_fast_paths(unet: nn.Module, temporal_convs: bool = True, single_key_cr
             module.set_processor(SingleKeyCrossAttnProcessor())
             changed["single_key_cross_attention"] += 1
     return changed
+
+
+def disconnected_parameters(unet_config: dict) -> set[str]:
+    """Names of the parameters that no longer reach the output once the fast paths are installed
+    (the query/key projections of the single-key cross-attentions and what only feeds them).
+
+    Found by running a small forward and backward of the model on the meta device (no memory, no
+    compute) and keeping the parameters that got no gradient. The trainer freezes them, so that the
+    optimizer state covers exactly the parameters that are updated (and resumes from it)."""
+    from fff_vdi.models.unet import FFFVDIUNet
+
+    frames, latent = 3, 16
+    with torch.device("meta"):
+        # diffusers makes a few parameters with torch.Tensor([...]), which ignores the device context.
+        unet = FFFVDIUNet.from_config(unet_config).to("meta")
+        apply_fast_paths(unet)
+        sample = torch.randn(1, frames, unet.config.in_channels, latent, latent)
+        masks = torch.zeros(1, frames, 1, 8 * latent, 8 * latent)
+        flows = (torch.zeros(1, frames - 1, 2, 8 * latent, 8 * latent),) * 2
+        embeds = torch.randn(1, 1, unet.config.cross_attention_dim)
+        unet(sample, masks, flows, torch.ones(1), embeds, torch.ones(1, 3)).sum().backward()
+    return {name for name, p in unet.named_parameters() if p.grad is None}

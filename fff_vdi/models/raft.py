@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.optical_flow import raft_large
-from torchvision.models.optical_flow._utils import grid_sample, make_coords_grid, upsample_flow
+from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
 
 from fff_vdi.errors import InputError, WeightsError
 from fff_vdi.models.loading import RAFT_URL, describe_key_mismatch, read_torch_state_dict, strict_load
@@ -82,6 +82,17 @@ def check_raft_size(height: int, width: int) -> None:
         )
 
 
+def _bilinear_lookup(volume: torch.Tensor, pixel_coords: torch.Tensor) -> torch.Tensor:
+    """torchvision's RAFT `grid_sample` (pixel coordinates, align_corners=True, zero padding), on the
+    native kernel: the batch here is one lookup per pixel of every pair (N*h*w), which cuDNN's grid
+    sampler refuses past about 100k rows (48 pairs at 1024x576, or 2 clips at 512x256), and which
+    F.grid_sample would send to cuDNN."""
+    h, w = volume.shape[-2:]
+    x, y = pixel_coords.split([1, 1], dim=-1)
+    grid = torch.cat([2 * x / (w - 1) - 1, 2 * y / (h - 1) - 1 if h > 1 else y], dim=-1)
+    return torch.grid_sampler_2d(volume, grid.to(volume.dtype), 0, 0, True)  # bilinear, zeros, align_corners
+
+
 def index_correlation_pyramid(pyramid: list[torch.Tensor], centroids_coords: torch.Tensor, radius: int) -> torch.Tensor:
     """torchvision's `CorrBlock.index_pyramid` on an explicit pyramid, with its lookup offsets made
     on the coordinates' device: torchvision builds them on the CPU and copies them over at every
@@ -95,12 +106,9 @@ def index_correlation_pyramid(pyramid: list[torch.Tensor], centroids_coords: tor
     n, _, h, w = centroids_coords.shape
     coords = centroids_coords.permute(0, 2, 3, 1).reshape(n * h * w, 1, 1, 2)
     indexed = []
-    # One lookup per pixel of every pair: the batch is N*h*w, which cuDNN's grid sampler refuses past
-    # about 100k (48 pairs at 1024x576, or 2 clips at 512x256); the native kernel has no such limit.
-    with torch.backends.cudnn.flags(enabled=False):
-        for corr_volume in pyramid:
-            indexed.append(grid_sample(corr_volume, coords + delta, align_corners=True, mode="bilinear").view(n, h, w, -1))
-            coords = coords / 2
+    for corr_volume in pyramid:
+        indexed.append(_bilinear_lookup(corr_volume, coords + delta).view(n, h, w, -1))
+        coords = coords / 2
     return torch.cat(indexed, dim=-1).permute(0, 3, 1, 2).contiguous()
 
 

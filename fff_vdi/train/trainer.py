@@ -153,9 +153,14 @@ class Trainer:
         self.unet_config = dict(unet.config)
         self.compute_dtype = DTYPES[cfg.parallel.mixed_precision]
         if cfg.parallel.fast_paths:
-            from fff_vdi.models.fast_paths import apply_fast_paths
+            from fff_vdi.models.fast_paths import apply_fast_paths, disconnected_parameters
 
             log.info("UNet fast paths: %s", apply_fast_paths(unet))
+            unused = disconnected_parameters(self.unet_config)
+            for name, p in unet.named_parameters():
+                if name in unused:  # they cannot change the output any more: no optimizer state for them
+                    p.requires_grad_(False)
+            log.info("fast paths: %d parameter tensors no longer reach the output and are frozen", len(unused))
         unet.to(self.device)
         unet.train()
         self.unet = parallelize_unet(unet, cfg.parallel, self.dist.world_size, self.device)

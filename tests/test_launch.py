@@ -1,0 +1,62 @@
+"""The Slurm templates' signal path, run for real on the CPU: the batch shell traps USR1, forwards it
+to the torchrun workers through srun (a stand-in that runs the command here), the workers save a
+complete checkpoint and everyone exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from test_train import losses, overrides
+
+
+@pytest.fixture
+def fake_srun(tmp_path):
+    """An `srun` that drops its options and runs the command on this machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    srun.chmod(0o755)
+    return bin_dir
+
+
+def test_batch_script_forwards_usr1_to_the_workers(fake_srun, tiny_pipeline, synthetic_shards, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip(f"no torchrun beside {sys.executable}")
+    run = tmp_path / "run"
+    args = " ".join(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.max_steps": 200,
+                                                                       "experiment.trainer.checkpoint_every": 1000}))
+    driver = tmp_path / "job.sh"
+    # The body of launch/train_1node.sbatch with this machine's torchrun.
+    driver.write_text(f"set -uo pipefail\nsource launch/common.sh\n"
+                      f"run_and_wait srun --ntasks=1 {torchrun} --standalone --nproc-per-node=2 launch/train.py {args}\n")
+    env = {**os.environ, "FFF_VDI_REPO": str(REPO), "SLURM_JOB_NUM_NODES": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{fake_srun}:{os.environ['PATH']}"}
+    env.pop("SLURM_JOB_ID", None)  # no requeue outside Slurm
+    job = subprocess.Popen(["bash", str(driver)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert (run / "metrics.jsonl").exists(), "training never logged a step"
+        job.send_signal(signal.SIGUSR1)  # what Slurm does with --signal=B:USR1@300
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-4000:]
+    assert "SIGUSR1 received, forwarding" in out
+    done = [p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert len(done) == 1
+    step = json.loads((done[0] / "state.json").read_text())["step"]
+    assert step == max(losses(run)) and step < 200
