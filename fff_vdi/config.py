@@ -273,6 +273,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
            "keep at least 2, so that a crash while saving never leaves you without a checkpoint")
     _check(t.checkpoint_every >= 1, "experiment.trainer.checkpoint_every", t.checkpoint_every, "use 1 or more")
     _choice("experiment.trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    _check(t.validate_every == 0 or m.frozen_dtype == p.mixed_precision, "experiment.model.frozen_dtype",
+           m.frozen_dtype, f"validation samples with the frozen networks in the UNet's dtype: set it to "
+           f"experiment.parallel.mixed_precision ({p.mixed_precision!r}) or turn validation off "
+           "(experiment.trainer.validate_every=0)")
     return cfg
 
 

@@ -1,8 +1,7 @@
 """Fixtures and helpers of the model tests (tests/test_models_*.py import what they use from here).
 
 The parity fixtures live in <repo>/../shared/fixtures/parity (conftest's `shared_dir` skips the
-tests when shared/ is absent). The tiny pipeline is written once per test session by
-tools/make_tiny_pipeline.py, run as a user runs it.
+tests when shared/ is absent). The tiny pipeline fixture is conftest's `tiny_pipeline`.
 """
 
 from __future__ import annotations
@@ -12,9 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_tool
-
-_tiny_pipeline: Path | None = None  # one per session, shared by every module that imports the fixture
 
 
 @pytest.fixture(scope="session")
@@ -23,17 +19,6 @@ def parity_dir(shared_dir) -> Path:
     if not (path / "raft_large.pt").is_file():
         pytest.skip(f"{path} lacks the parity fixtures (raft_large.pt, ...): shared/ is incomplete")
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory) -> Path:
-    """A tiny random pipeline folder; tests that modify it must copy it first."""
-    global _tiny_pipeline
-    if _tiny_pipeline is None:
-        out = tmp_path_factory.mktemp("tiny") / "pipeline"
-        run_tool("tools/make_tiny_pipeline.py", str(out), "--seed", "0")
-        _tiny_pipeline = out
-    return _tiny_pipeline
 
 
 def load_parity(parity_dir: Path, name: str) -> dict:

@@ -15,7 +15,7 @@ from fff_vdi.config import DataConfig, MaskConfig
 from fff_vdi.data.loader import ClipLoader
 from fff_vdi.data.shards import ShardSet
 from fff_vdi.errors import DataError
-from tests.conftest import run_tool
+from conftest import run_tool
 
 
 def data_cfg(shards, **kw) -> DataConfig:

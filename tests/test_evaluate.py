@@ -29,7 +29,6 @@ from fff_vdi.eval import (
 )
 from fff_vdi.evaluate import main as evaluate_main
 from fff_vdi.inference.video_io import read_rgb
-from models_fixtures import tiny_pipeline  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from fff_vdi.errors import InputError
 from fff_vdi.inference import InpaintSampler, Window, WindowedInpainter, crossfade_weights, plan_windows
 from fff_vdi.inference.video_io import model_frame_size, open_masks, open_video, read_rgb, write_mp4
 from fff_vdi.models import decode_latents, encode_first_frame, encode_frames, load_components
-from models_fixtures import tiny_pipeline  # noqa: F401  (fixture)
 
 H, W = 128, 128
 

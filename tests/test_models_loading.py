@@ -23,7 +23,7 @@ from fff_vdi.config import SVD_XT_ID
 from fff_vdi.errors import WeightsError
 from fff_vdi.models import FFFVDIUNet, load_components, load_flow_completion, load_raft
 from fff_vdi.models.components import BUNDLED_CONFIGS
-from models_fixtures import parity_dir, tiny_pipeline  # noqa: F401  (fixtures)
+from models_fixtures import parity_dir  # noqa: F401  (fixture)
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -18,7 +18,6 @@ from fff_vdi.models import (
     save_pipeline,
 )
 from fff_vdi.models.encoders import resize_with_antialiasing
-from models_fixtures import tiny_pipeline  # noqa: F401  (fixture)
 
 B, T, H, W = 1, 3, 128, 128
 

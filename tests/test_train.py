@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import REPO
+from conftest import REPO, run_tool
 
 STEP_SECONDS_BUDGET = 600
 
@@ -53,7 +54,8 @@ def launch(args: list[str], nproc: int, check: bool = True, **popen) -> subproce
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """Per-step losses from metrics.jsonl (a resumed run appends; a step logged twice must agree)."""
+    """Per-step losses from metrics.jsonl (a resumed run appends; a step logged twice must agree;
+    a skipped step's loss is null)."""
     out: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -197,3 +199,59 @@ def test_two_nodes_match_one_node_and_resume_on_one(straight_run, tiny_pipeline,
     assert losses(run) == {s: expected[s] for s in (1, 2, 3)}
     launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2)  # one node, 2 processes, to step 6
     assert losses(run) == expected
+
+
+def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_pipeline, synthetic_shards, tmp_path):
+    """The options the published recipe leaves off, together on two processes, then a resume:
+    gradient accumulation, sharded EMA, async DCP saves, warmup + cosine, clipping of the sharded
+    gradients, the skip policy for a non-finite step; and validation under FSDP."""
+    run = tmp_path / "options"
+    extra = {"experiment.trainer.grad_accum": 2, "experiment.optim.ema_decay": 0.9,
+             "experiment.trainer.async_checkpoint": "true", "experiment.optim.schedule": "cosine",
+             "experiment.optim.warmup_steps": 2, "experiment.optim.grad_clip": 0.01,
+             "experiment.trainer.nonfinite": "skip", "experiment.trainer.inject_nan_at_step": 3,
+             "experiment.trainer.max_steps": 4, "experiment.trainer.checkpoint_every": 2,
+             "experiment.trainer.export_at_end": "true", "experiment.trainer.validate_every": 4,
+             "experiment.trainer.val_steps": 1}
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **extra), nproc=2)
+    assert "non-finite loss at step 3" in proc.stderr and "update skipped (1 of 10 allowed skips)" in proc.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[2]["loss"] is None and all(r["loss"] > 0 for r in records if r["step"] != 3)  # skipped: null
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(1e-4 * 0.5) and lrs[1] == pytest.approx(1e-4)  # linear warmup over 2 steps
+    assert lrs[2] == pytest.approx(1e-4) and lrs[3] == pytest.approx(0.5e-4)  # cosine: halfway at step 4 of 2..4
+    state = json.loads((run / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["data"]["position"] == 4 * 2 * 2  # 4 steps x 2 micro-steps x 2 ranks
+    assert state["trainer"]["nonfinite_skips"] == 1
+    assert (run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    # Validation at step 4: a video file, and the sample and scores in TensorBoard.
+    assert (run / "validation" / "step-00000004.mp4").stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert "val/sample" in events.Tags()["images"]
+    assert {"val/psnr_hole", "val/ssim", "train/loss", "train/lr"} <= set(events.Tags()["scalars"])
+    # The EMA weights export from the checkpoint, on the CPU, without a process group.
+    run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--ema", "--out", str(tmp_path / "ema_pipeline"))
+    from safetensors.torch import load_file
+
+    trained = load_file(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(tmp_path / "ema_pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    refiner = "noise_refiner.fuse.0.weight"
+    assert not torch.equal(trained[refiner], ema[refiner])  # EMA lags the trained weights
+    # Resume (EMA, optimizer and scheduler state) and finish two more steps.
+    launch(overrides(tiny_pipeline, synthetic_shards, run, **{**extra, "experiment.trainer.max_steps": 6}), nproc=2)
+    assert max(losses(run)) == 6
+
+
+def test_hsdp_replicates_across_groups(tiny_pipeline, synthetic_shards, tmp_path):
+    """HSDP on two processes as two replica groups of one shard each gives the plain-FSDP losses."""
+    fsdp, hsdp = tmp_path / "fsdp", tmp_path / "hsdp"
+    launch(overrides(tiny_pipeline, synthetic_shards, fsdp, **{"experiment.trainer.max_steps": 2}), nproc=2)
+    launch(overrides(tiny_pipeline, synthetic_shards, hsdp, **{"experiment.trainer.max_steps": 2,
+                                                                "experiment.parallel.hsdp_replicas": 2}), nproc=2)
+    a, b = losses(fsdp), losses(hsdp)
+    assert sorted(a) == sorted(b) == [1, 2]
+    assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)

@@ -48,7 +48,7 @@ def export_from_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path,
 
     from fff_vdi.config import ExperimentConfig
     from fff_vdi.train.checkpoint import list_checkpoints, resolve_resume
-    from fff_vdi.train.optim import mark_trainable
+    from fff_vdi.train.optim import updated_parameter_names
     from fff_vdi.train.trainer import build_components
 
     config_file = run_dir / "config.yaml"
@@ -63,7 +63,7 @@ def export_from_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path,
     components = build_components(cfg, seed=cfg.trainer.seed)
     unet = components.unet
     state = dict(unet.state_dict())
-    trained = set(mark_trainable(unet, cfg.trainer.trainable))
+    trained = set(updated_parameter_names(unet, cfg.trainer.trainable, cfg.parallel.fast_paths))
     if use_ema:
         ema = {k: torch.empty_like(v, dtype=torch.float32) for k, v in state.items() if k in trained}
         dcp.load({"ema": ema}, checkpoint_id=str(path))

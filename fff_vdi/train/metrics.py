@@ -76,11 +76,26 @@ class MetricsWriter:
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self._tb.add_scalar(f"train/{k}", v, step)
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
 
-    def add_video(self, tag: str, video_btchw_uint8: torch.Tensor, step: int, fps: int = 7) -> None:
-        if self.enabled:
-            self._tb.add_video(tag, video_btchw_uint8, step, fps=fps)
+    def add_video(self, tag: str, video_tchw_uint8: torch.Tensor, step: int, fps: int = 7) -> None:
+        """An animated GIF in TensorBoard's images tab, encoded with PIL (what SummaryWriter.add_video
+        writes, without its moviepy 1.x dependency)."""
+        if not self.enabled:
+            return
+        import io
+
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        frames = [Image.fromarray(f) for f in video_tchw_uint8.permute(0, 2, 3, 1).cpu().numpy()]
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+        image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3,
+                              encoded_image_string=buffer.getvalue())
+        self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         if self.enabled:

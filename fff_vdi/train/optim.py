@@ -23,6 +23,21 @@ def mark_trainable(unet: nn.Module, trainable: str) -> list[str]:
     return names
 
 
+def updated_parameter_names(unet: nn.Module, trainable: str, fast_paths: bool) -> list[str]:
+    """The parameters the optimizer updates (and checkpoints hold): the `trainer.trainable` rule, minus
+    those the fast paths disconnect from the output (frozen here). Trainer and export agree on it."""
+    names = mark_trainable(unet, trainable)
+    if fast_paths:
+        from fff_vdi.models.fast_paths import disconnected_parameters
+
+        unused = disconnected_parameters(dict(unet.config))
+        for name, p in unet.named_parameters():
+            if name in unused:
+                p.requires_grad_(False)
+        names = [n for n in names if n not in unused]
+    return names
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

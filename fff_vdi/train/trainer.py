@@ -42,6 +42,7 @@ from fff_vdi.train.optim import (
     clip_grad_norm,
     mark_trainable,
     trainable_parameters,
+    updated_parameter_names,
 )
 from fff_vdi.train.preemption import PreemptionFlag, requeue_slurm_job
 from fff_vdi.utils.atomic import atomic_write_text
@@ -145,22 +146,22 @@ class Trainer:
         n_total = sum(p.numel() for p in unet.parameters())
         log.info("UNet: %.1fM parameters, training %.1fM (%s)", n_total / 1e6, n_trained / 1e6, t.trainable)
         d = cfg.data
+        self.unet_config = dict(unet.config)
+        # MFU counts the published model's work (the fast paths below remove some of it).
         self.flops_per_step = t.grad_accum * unet_train_flops(
-            dict(unet.config), set(trained_names), d.batch_size, d.num_frames, d.height, d.width,
+            self.unet_config, set(trained_names), d.batch_size, d.num_frames, d.height, d.width,
             unet.config.out_channels, unet.config.cross_attention_dim)
         log.info("UNet forward+backward: %.2f TFLOP per optimizer step per rank", self.flops_per_step / 1e12)
 
-        self.unet_config = dict(unet.config)
         self.compute_dtype = DTYPES[cfg.parallel.mixed_precision]
         if cfg.parallel.fast_paths:
-            from fff_vdi.models.fast_paths import apply_fast_paths, disconnected_parameters
+            from fff_vdi.models.fast_paths import apply_fast_paths
 
             log.info("UNet fast paths: %s", apply_fast_paths(unet))
-            unused = disconnected_parameters(self.unet_config)
-            for name, p in unet.named_parameters():
-                if name in unused:  # they cannot change the output any more: no optimizer state for them
-                    p.requires_grad_(False)
-            log.info("fast paths: %d parameter tensors no longer reach the output and are frozen", len(unused))
+        updated = updated_parameter_names(unet, t.trainable, cfg.parallel.fast_paths)
+        if len(updated) < len(trained_names):  # no optimizer state for parameters that cannot change the output
+            log.info("fast paths: %d parameter tensors no longer reach the output and stay frozen",
+                     len(trained_names) - len(updated))
         unet.to(self.device)
         unet.train()
         self.unet = parallelize_unet(unet, cfg.parallel, self.dist.world_size, self.device)

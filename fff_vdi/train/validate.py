@@ -30,7 +30,7 @@ from fff_vdi.train.objective import step_generator
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # config.validate: frozen dtype == UNet dtype
 
 
 def to_uint8(frames_tchw: torch.Tensor) -> np.ndarray:
@@ -78,7 +78,7 @@ class Validator:
                     side_by_side = np.concatenate([masked, pred, gt], axis=2)
                     self.out_dir.mkdir(parents=True, exist_ok=True)
                     write_mp4(self.out_dir / f"step-{step:08d}.mp4", side_by_side, fps=7)
-                    metrics.add_video("val/sample", torch.from_numpy(side_by_side).permute(0, 3, 1, 2)[None], step)
+                    metrics.add_video("val/sample", torch.from_numpy(side_by_side).permute(0, 3, 1, 2), step)
         finally:
             loader.close()
             unet.train(was_training)
