@@ -50,6 +50,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import sys
@@ -59,7 +60,7 @@ import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -462,6 +463,10 @@ class VideoSample:
     frames: list[bytes]
     masks: list[bytes | None] | None  # None: the run has no annotations
     meta: dict  # the per-sample JSON
+    # zlib.crc32 of each frame and mask, computed in the worker: the parent writes every byte of the
+    # run, and checksumming there too would cap the whole run at the parent's speed.
+    frame_crcs: list[int] = field(default_factory=list)
+    mask_crcs: list[int | None] | None = None
 
 
 @dataclass
@@ -542,7 +547,10 @@ def process_video(task: VideoTask) -> VideoResult:
         "mask_frames": [] if masks is None else [i for i, m in enumerate(masks) if m is not None],
         "annotation_source": task.annotation_dir,
     }
-    result.sample = VideoSample(task.key, task.video_id, width, height, [f.data for f in checked], masks, meta)
+    frames = [f.data for f in checked]
+    result.sample = VideoSample(task.key, task.video_id, width, height, frames, masks, meta,
+                                frame_crcs=[zlib.crc32(d) for d in frames],
+                                mask_crcs=None if masks is None else [None if m is None else zlib.crc32(m) for m in masks])
     return result
 
 
@@ -611,54 +619,103 @@ def _closed_size(offset: int) -> int:
     return end + (-end % tarfile.RECORDSIZE)
 
 
+@dataclass
+class Member:
+    """One tar member ready to append: its header (made once), data and crc32."""
+
+    name: str
+    header: bytes
+    data: bytes
+    crc: int
+
+    @classmethod
+    def of(cls, name: str, data: bytes, crc: int | None = None) -> "Member":
+        return cls(name, _tar_header(name, len(data)), data, zlib.crc32(data) if crc is None else crc)
+
+    @property
+    def padding(self) -> int:
+        return -len(self.data) % tarfile.BLOCKSIZE
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + len(self.data) + self.padding
+
+
 class TarShardWriter:
-    """Appends members to a tar file, returning where each member's data lies, hashing as it goes."""
+    """Appends members to a tar file, returning where each member's data lies.
+
+    Writing and hashing run on a background thread (both release the GIL on large buffers), so the
+    parent process keeps receiving the workers' results meanwhile; offsets are known without waiting.
+    `close()` drains the thread; `sha256` is final after it."""
 
     def __init__(self, file):
         self.file = file
         self.offset = 0
         self.sha256 = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=256)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="tar-writer", daemon=True)
+        self._thread.start()
 
-    def add(self, name: str, data: bytes) -> list[int]:
+    def add(self, member: Member) -> list[int]:
         """Append one member; returns [data offset, size, crc32]."""
-        self._write(_tar_header(name, len(data)))
-        member = [self.offset, len(data), zlib.crc32(data)]
-        self._write(data)
-        self._write(bytes(-len(data) % tarfile.BLOCKSIZE))
-        return member
+        self._write(member.header)
+        where = [self.offset, len(member.data), member.crc]
+        self._write(member.data)
+        self._write(bytes(member.padding))
+        return where
 
-    def size_with(self, members: list[tuple[str, bytes]]) -> int:
+    def size_with(self, members: list[Member]) -> int:
         """The closed tar's size if `members` were appended."""
-        end = self.offset + sum(len(_tar_header(n, len(d))) + len(d) + (-len(d) % tarfile.BLOCKSIZE)
-                                for n, d in members)
-        return _closed_size(end)
+        return _closed_size(self.offset + sum(m.size for m in members))
 
     def close(self) -> int:
         self._write(bytes(_closed_size(self.offset) - self.offset))
+        self.stop()
+        if self._error is not None:
+            raise self._error
         return self.offset
 
+    def stop(self) -> None:
+        """End the writer thread after what is queued (idempotent; also after an error)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def _write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.sha256.update(data)
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
         self.offset += len(data)
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.file.write(data)
+                    self.sha256.update(data)
+                except BaseException as e:  # reported by the next add() or by close()
+                    self._error = e
 
 
 def json_bytes(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def sample_members(sample: VideoSample) -> list[tuple[str, bytes]]:
+def sample_members(sample: VideoSample) -> list[Member]:
     """The tar members of one video, in sorted name order: frames, JSON, masks."""
-    members = [(frame_member_name(sample.key, i), data) for i, data in enumerate(sample.frames)]
-    members.append((meta_member_name(sample.key), json_bytes(sample.meta)))
+    members = [Member.of(frame_member_name(sample.key, i), data, crc)
+               for i, (data, crc) in enumerate(zip(sample.frames, sample.frame_crcs))]
+    members.append(Member.of(meta_member_name(sample.key), json_bytes(sample.meta)))
     if sample.masks is not None:
-        members += [(mask_member_name(sample.key, i), data) for i, data in enumerate(sample.masks) if data is not None]
+        members += [Member.of(mask_member_name(sample.key, i), data, crc)
+                    for i, (data, crc) in enumerate(zip(sample.masks, sample.mask_crcs)) if data is not None]
     return members
 
 
-def write_sample(tar: TarShardWriter, sample: VideoSample, members: list[tuple[str, bytes]]) -> dict:
+def write_sample(tar: TarShardWriter, sample: VideoSample, members: list[Member]) -> dict:
     """Append one video's members; returns its index entry."""
-    where = {name: tar.add(name, data) for name, data in members}
+    where = {m.name: tar.add(m) for m in members}
     key = sample.key
     return {
         "key": key,
@@ -745,15 +802,18 @@ class ShardWriter:
         samples = []
         with atomic_open(self.out / name) as file:
             tar = TarShardWriter(file)
-            while (result := results.peek()) is not None:
-                if result.sample is not None:
-                    members = sample_members(result.sample)
-                    if samples and tar.size_with(members) > self.shard_size:
-                        break  # the shard is full; this video starts the next one
-                    samples.append(write_sample(tar, result.sample, members))
-                    crash_point("sample-written")
-                self._consume(results.take())
-            size = tar.close()
+            try:
+                while (result := results.peek()) is not None:
+                    if result.sample is not None:
+                        members = sample_members(result.sample)
+                        if samples and tar.size_with(members) > self.shard_size:
+                            break  # the shard is full; this video starts the next one
+                        samples.append(write_sample(tar, result.sample, members))
+                        crash_point("sample-written")
+                    self._consume(results.take())
+                size = tar.close()
+            finally:
+                tar.stop()
             self.journal.save()
             crash_point("tar-written")
         crash_point("tar-renamed")
