@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import REPO
-from test_train import losses, overrides
+from test_train import losses, overrides, wait_for_first_step
 
 
 @pytest.fixture
@@ -45,10 +44,7 @@ def test_batch_script_forwards_usr1_to_the_workers(fake_srun, tiny_pipeline, syn
     job = subprocess.Popen(["bash", str(driver)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (run / "metrics.jsonl").exists():
-            time.sleep(0.5)
-        assert (run / "metrics.jsonl").exists(), "training never logged a step"
+        wait_for_first_step(run)
         job.send_signal(signal.SIGUSR1)  # what Slurm does with --signal=B:USR1@300
         out, _ = job.communicate(timeout=300)
     finally:
@@ -56,6 +52,8 @@ def test_batch_script_forwards_usr1_to_the_workers(fake_srun, tiny_pipeline, syn
             job.kill()
     assert job.returncode == 0, out[-4000:]
     assert "SIGUSR1 received, forwarding" in out
+    for rank in (0, 1):  # both ranks saw the flag (agreed across ranks) and stopped at the same step
+        assert "preemption signal (SIGUSR1)" in (run / "logs" / f"rank-{rank:05d}.log").read_text()
     done = [p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
     assert len(done) == 1
     step = json.loads((done[0] / "state.json").read_text())["step"]

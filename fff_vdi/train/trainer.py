@@ -124,7 +124,10 @@ def unet_train_flops(unet_config: dict, trainable: set[str], batch: int, frames:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, resolved_yaml: str = ""):
+    def __init__(self, cfg: ExperimentConfig, resolved_yaml: str = "", preemption: PreemptionFlag | None = None):
+        # Install the signal flag before the (minutes-long) setup, so that a preemption signal arriving
+        # now is held until the first step boundary instead of killing this rank with the default action.
+        self.preemption = preemption if preemption is not None else PreemptionFlag().install()
         self.cfg = validate(cfg)
         t = cfg.trainer
         self.dist: DistInfo = init_distributed(cfg.parallel.nccl_timeout_s)
@@ -195,7 +198,6 @@ class Trainer:
 
         self.metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main)
         self.heartbeat = Heartbeat(self.dist.rank, t.heartbeat_s)
-        self.preemption = PreemptionFlag()
         self.validator = None
         if t.validate_every > 0:
             from fff_vdi.train.validate import Validator
@@ -265,7 +267,6 @@ class Trainer:
 
     def run(self) -> int:
         t = self.cfg.trainer
-        self.preemption.install()
         self.heartbeat.start()
         progress = None
         if self.dist.is_main and t.progress_bar:
@@ -341,12 +342,14 @@ class Trainer:
 
 def run_training(cfg: ExperimentConfig, resolved_yaml: str = "") -> int:
     """Entry point of launch/train.py: train, then leave the process group cleanly."""
+    preemption = PreemptionFlag().install()
     try:
-        trainer = Trainer(cfg, resolved_yaml)
+        trainer = Trainer(cfg, resolved_yaml, preemption)
         return trainer.run()
     except FFFVDIError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        preemption.uninstall()
         shutdown()
