@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,7 +28,17 @@ def fake_srun(tmp_path):
     return bin_dir
 
 
-def test_batch_script_forwards_usr1_to_the_workers(fake_srun, tiny_pipeline, synthetic_shards, tmp_path):
+def training_workers(run_dir) -> list[str]:
+    """PIDs of the processes the torchrun agent of this run started."""
+    agents = subprocess.run(["pgrep", "-f", f"[t]orchrun.*{run_dir}"], capture_output=True, text=True).stdout.split()
+    return [pid for agent in agents
+            for pid in subprocess.run(["pgrep", "-P", agent], capture_output=True, text=True).stdout.split()]
+
+
+@pytest.mark.parametrize("when", ["during_setup", "mid_run"])
+def test_batch_script_forwards_usr1_to_the_workers(when, fake_srun, tiny_pipeline, synthetic_shards, tmp_path):
+    """Mid-run is the usual case; during setup (imports, model build, data) the flag must already be
+    installed, or the signal's default action kills a rank."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     if not os.path.exists(torchrun):
         pytest.skip(f"no torchrun beside {sys.executable}")
@@ -44,7 +55,15 @@ def test_batch_script_forwards_usr1_to_the_workers(fake_srun, tiny_pipeline, syn
     job = subprocess.Popen(["bash", str(driver)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_first_step(run)
+        if when == "mid_run":
+            wait_for_first_step(run)
+        else:
+            deadline = time.time() + 120
+            while len(training_workers(run)) < 2 and time.time() < deadline:
+                time.sleep(0.1)
+            assert len(training_workers(run)) == 2, "torchrun never started its two workers"
+            time.sleep(2.0)  # the workers are importing torch and diffusers now; setup takes ~10 s
+            assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
         job.send_signal(signal.SIGUSR1)  # what Slurm does with --signal=B:USR1@300
         out, _ = job.communicate(timeout=300)
     finally:
@@ -58,3 +77,5 @@ def test_batch_script_forwards_usr1_to_the_workers(fake_srun, tiny_pipeline, syn
     assert len(done) == 1
     step = json.loads((done[0] / "state.json").read_text())["step"]
     assert step == max(losses(run)) and step < 200
+    if when == "during_setup":
+        assert step == 1  # held until the first step boundary

@@ -340,9 +340,11 @@ class Trainer:
                      100 * values["data_wait_share"], f", MFU {100 * values['mfu']:.1f}%" if "mfu" in values else "")
 
 
-def run_training(cfg: ExperimentConfig, resolved_yaml: str = "") -> int:
-    """Entry point of launch/train.py: train, then leave the process group cleanly."""
-    preemption = PreemptionFlag().install()
+def run_training(cfg: ExperimentConfig, resolved_yaml: str = "", preemption: PreemptionFlag | None = None) -> int:
+    """Entry point of launch/train.py: train, then leave the process group cleanly. `preemption`: a flag
+    the caller installed as early as it could (one is installed here otherwise)."""
+    if preemption is None:
+        preemption = PreemptionFlag().install()
     try:
         trainer = Trainer(cfg, resolved_yaml, preemption)
         return trainer.run()
