@@ -26,15 +26,25 @@ def load_bench():
     return sys.modules["bench_train_step"]
 
 
+COMPILED = "ours:compile=1:frozen_compile=1:compile_backend=eager:fullgraph=1"
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One run of the benchmark with the two default configurations and a compiled one (one process
+    start and one model build for all three)."""
+    out = tmp_path_factory.mktemp("bench") / "train_step.json"
+    proc = run_tool("bench/train_step.py", *TINY, "--configs", f"published,ours,{COMPILED}", "--out", str(out))
+    return json.loads(out.read_text()), proc.stdout
+
+
 @pytest.mark.slow
-def test_both_configurations_run_and_report(tmp_path):
-    out = tmp_path / "train_step.json"
-    proc = run_tool("bench/train_step.py", *TINY, "--out", str(out))
-    report = json.loads(out.read_text())
+def test_both_configurations_run_and_report(bench_run):
+    report, stdout = bench_run
     for key in ("card", "torch", "diffusers", "world_size", "shape", "configs", "notes"):
         assert key in report, key
     assert report["world_size"] == 1 and report["shape"] == {"frames": 4, "height": 128, "width": 128}
-    published, ours = report["configs"]
+    published, ours, _ = report["configs"]
     assert (published["kind"], ours["kind"]) == ("published", "ours")
     for r in (published, ours):
         assert r["status"] == "ok", r.get("traceback")
@@ -49,19 +59,18 @@ def test_both_configurations_run_and_report(tmp_path):
     assert ours["settings"]["compile"] is False and ours["settings"]["fast_paths"] is True  # "auto" resolved for the CPU
     # The fast paths remove work: fewer FLOPs as run than in the published model's count.
     assert ours["unet_flops_per_clip"] < ours["reference_unet_flops_per_clip"] == published["unet_flops_per_clip"]
-    assert "| config |" in "\n".join(proc.stdout.strip().splitlines()[-8:])  # the table is printed last
+    assert "| config |" in "\n".join(stdout.strip().splitlines()[-8:])  # the table is printed last
 
 
 @pytest.mark.slow
-def test_compiled_path_traces_without_graph_breaks(tmp_path):
+def test_compiled_path_traces_without_graph_breaks(bench_run):
     """What the GPU run compiles (UNet blocks under FSDP2, the frozen networks), traced by dynamo with
     its eager backend: cheap on the CPU, and it fails on what would break or split the graphs."""
-    out = tmp_path / "compiled.json"
-    spec = "ours:compile=1:frozen_compile=1:compile_backend=eager:fullgraph=1"
-    run_tool("bench/train_step.py", *TINY, "--configs", spec, "--out", str(out))
-    (r,) = json.loads(out.read_text())["configs"]
-    assert r["status"] == "ok", r.get("traceback")
-    assert r["compile"]["graph_breaks"] == 0 and r["compile"]["unique_graphs"] > 10
+    report, _ = bench_run
+    compiled = report["configs"][2]
+    assert compiled["status"] == "ok", compiled.get("traceback")
+    assert compiled["settings"]["compile"] is True
+    assert compiled["compile"]["graph_breaks"] == 0 and compiled["compile"]["unique_graphs"] > 10
 
 
 def test_spec_parsing_names_the_bad_key():

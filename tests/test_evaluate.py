@@ -44,7 +44,7 @@ def degraded(frames: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def test_psnr_and_ssim_match_scikit_image(davis_frames):
-    pred, gt = degraded(davis_frames), davis_frames
+    pred, gt = degraded(davis_frames[:3]), davis_frames[:3]
     for crop in (np.s_[:], np.s_[:, 3:200, 5:331]):  # the protocol's 432x240 and an odd size
         p, g = pred[crop], gt[crop]
         ours_psnr, ours_ssim = psnr_per_frame(p, g), ssim_per_frame(p, g)
