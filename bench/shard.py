@@ -1,6 +1,6 @@
 """Throughput of tools/shard_ytvos.py on synthetic 720p videos, for several worker counts.
 
-    python bench/shard.py [--videos 16] [--frames 60] [--workers 1 2] [--repeats 3]
+    python bench/shard.py [--videos N] [--frames 60] [--workers 1 2] [--repeats 3]
 
 Generates (once, into --data) videos with fff_vdi.data.synthetic, then times the whole sharding run
 (scan, read, full decode check, tar writing, hashing, index and manifest) per worker count, checks
@@ -107,7 +107,9 @@ def shard_once(data: Path, out: Path, workers: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=16)
+    parser.add_argument("--videos", type=int, default=None,
+                        help="videos in the set (default: 8 per worker of the largest count, at least 16): with "
+                             "few videos per worker, process start-up and the last round's tail dominate the time")
     parser.add_argument("--frames", type=int, default=60, help="frames per video")
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fff_vdi_bench_shard_src")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "shard_cpu.json")
     args = parser.parse_args()
+    if args.videos is None:
+        args.videos = max(16, 8 * max(args.workers))
 
     data = ensure_dataset(args.data, args.videos, args.frames, args.height, args.width)
     num_frames = args.videos * args.frames
