@@ -26,6 +26,9 @@ class PreemptionFlag:
     def install(self) -> "PreemptionFlag":
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+            # Restart interrupted system calls: the signal can land in any thread, also one blocked in
+            # a C++ socket call of the rendezvous or a collective, which would otherwise fail with EINTR.
+            signal.siginterrupt(sig, False)
         return self
 
     def _handle(self, signum, frame) -> None:
