@@ -23,6 +23,10 @@ from fff_vdi.models.components import Components
 from fff_vdi.models.encoders import device_constants, encode_first_frame, encode_frames
 
 
+# The config's dtype names (experiment.model.frozen_dtype, experiment.parallel.mixed_precision).
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
 def step_generator(seed: int, rank: int, step: int, micro_step: int, device: torch.device) -> torch.Generator:
     """The generator for one micro-step of one rank (a pure function of its arguments)."""
     words = (seed & 0xFFFFFFFF, rank, step, micro_step)

@@ -34,7 +34,7 @@ from fff_vdi.models.components import Components, build_random_components, load_
 from fff_vdi.train.checkpoint import Checkpointer, resolve_resume
 from fff_vdi.train.export import export_pipeline
 from fff_vdi.train.metrics import PEAK_BF16_FLOPS, Heartbeat, MetricsWriter, count_train_flops, peak_memory_gib
-from fff_vdi.train.objective import FrozenConditioner, edm_loss, step_generator
+from fff_vdi.train.objective import DTYPES, FrozenConditioner, edm_loss, step_generator
 from fff_vdi.train.optim import (
     EMA,
     build_optimizer,
@@ -48,8 +48,6 @@ from fff_vdi.train.preemption import PreemptionFlag, requeue_slurm_job
 from fff_vdi.utils.atomic import atomic_write_text
 
 log = logging.getLogger("fff_vdi.train")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class NonFiniteError(FFFVDIError, RuntimeError):

@@ -26,11 +26,9 @@ from fff_vdi.distributed.env import DistInfo, all_reduce_mean
 from fff_vdi.eval.metrics import masked_psnr_per_frame, ssim_per_frame
 from fff_vdi.inference.sampler import InpaintSampler
 from fff_vdi.inference.video_io import write_mp4
-from fff_vdi.train.objective import step_generator
+from fff_vdi.train.objective import DTYPES, step_generator
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # config.validate: frozen dtype == UNet dtype
 
 
 def to_uint8(frames_tchw: torch.Tensor) -> np.ndarray:
