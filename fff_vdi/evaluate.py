@@ -93,7 +93,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     pairs = match_videos(args.pred, args.gt)
     masks = match_masks(args.masks, list(pairs)) if args.masks else {}
     device = torch.device(args.device)
-    raft = load_raft(Path(args.raft) / "raft" if (Path(args.raft) / "raft").is_dir() else args.raft).to(device) if args.raft else None
+    raft = load_raft(args.raft).to(device) if args.raft else None  # raft-things.pth, its folder or a pipeline
     i3d = load_i3d(args.i3d).to(device) if args.i3d else None
 
     videos, all_psnr, all_ssim, all_ewarp, all_hole, features = {}, [], [], [], [], ([], [])

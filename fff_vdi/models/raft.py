@@ -192,10 +192,13 @@ class RAFTFlow(nn.Module):
 
 
 def find_raft_file(path: str | Path) -> Path:
-    """`path` itself, or the RAFT weights inside a folder (raft-things.pth, else one raft*.pth)."""
+    """`path` itself, or the RAFT weights inside a folder (raft-things.pth, else one raft*.pth); for a
+    pipeline folder, inside its raft/."""
     path = Path(path)
     if not path.is_dir():
         return path
+    if (path / "raft").is_dir():
+        path = path / "raft"
     for name in RAFT_FILE_NAMES:
         if (path / name).is_file():
             return path / name
@@ -206,7 +209,8 @@ def find_raft_file(path: str | Path) -> Path:
 
 
 def load_raft(path: str | Path) -> RAFTFlow:
-    """RAFT-large from `raft-things.pth` (original layout, `module.` prefix) or a torchvision weight file."""
+    """RAFT-large from `raft-things.pth` (original layout, `module.` prefix) or a torchvision weight file,
+    given as the file, its folder, or a pipeline folder."""
     path = find_raft_file(path)
     state = read_torch_state_dict(path, "RAFT weights", RAFT_URL)
     model = RAFTFlow()
