@@ -23,8 +23,6 @@ to fix), 1 an I/O failure while writing.
 from __future__ import annotations
 
 import argparse
-import secrets
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -55,7 +53,7 @@ from fff_vdi.inference.video_io import (
 )
 from fff_vdi.inference.windows import WindowedInpainter, default_overlap, plan_windows
 from fff_vdi.models import load_components
-from fff_vdi.utils.atomic import TMP_MARK, fsync_dir
+from fff_vdi.utils.atomic import atomic_folder
 
 DEFAULT_FPS = 24.0  # for frame folders (DAVIS is 24 fps)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -138,7 +136,9 @@ def inpaint(args: argparse.Namespace) -> Path:
                 step_bar.reset()
 
         inpainted = WindowedInpainter(sampler, window, overlap)(frames_thwc, holes_thw, torch.Generator().manual_seed(args.seed), on_step)
-        return write_atomically(out, args.overwrite, lambda tmp: write_outputs(tmp, video, masks, inpainted, args))
+        with atomic_folder(out, replace=args.overwrite) as tmp:
+            write_outputs(tmp, video, masks, inpainted, args)
+        return out
 
 
 def model_size(args: argparse.Namespace, video: FrameSource) -> tuple[int, int]:
@@ -175,27 +175,6 @@ def write_outputs(tmp: Path, video: FrameSource, masks: MaskSource, inpainted: I
             write_png(tmp / "frames" / f"{index:05d}.png", result)
             result_mp4.write(result)
             comparison_mp4.write(side_by_side(overlay_hole(frame, hole), result))
-
-
-def write_atomically(out: Path, overwrite: bool, write) -> Path:
-    """Run write(tmp) on a fresh OUT.tmp-xxxx beside OUT and rename it to OUT; on failure remove it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}{TMP_MARK}{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if out.exists() and overwrite:
-            old = out.parent / f"{out.name}{TMP_MARK}old-{secrets.token_hex(4)}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 if __name__ == "__main__":

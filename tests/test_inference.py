@@ -19,6 +19,7 @@ from fff_vdi.errors import InputError
 from fff_vdi.inference import InpaintSampler, Window, WindowedInpainter, crossfade_weights, plan_windows
 from fff_vdi.inference.video_io import model_frame_size, open_masks, open_video, read_rgb, write_mp4
 from fff_vdi.models import decode_latents, encode_first_frame, encode_frames, load_components
+from fff_vdi.utils.atomic import atomic_folder
 
 H, W = 128, 128
 
@@ -358,9 +359,11 @@ def test_outputs_appear_whole_or_not_at_all(tmp_path):
         (tmp / "frames" / "00000.png").write_bytes(b"x")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
-        inpaint_cli.write_atomically(tmp_path / "out", False, fail_midway)
+    with pytest.raises(OSError), atomic_folder(tmp_path / "out", replace=False) as tmp:
+        fail_midway(tmp)
     assert list(tmp_path.iterdir()) == []
-    inpaint_cli.write_atomically(tmp_path / "out", False, lambda tmp: (tmp / "a").write_text("1"))
-    inpaint_cli.write_atomically(tmp_path / "out", True, lambda tmp: (tmp / "b").write_text("2"))
+    with atomic_folder(tmp_path / "out", replace=False) as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_folder(tmp_path / "out", replace=True) as tmp:
+        (tmp / "b").write_text("2")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ from fff_vdi.models.loading import (
 )
 from fff_vdi.models.raft import RAFT_FILE_NAMES, RAFTFlow, load_raft, to_original_layout
 from fff_vdi.models.unet import FFFVDIUNet
-from fff_vdi.utils.atomic import TMP_MARK, atomic_write_json, fsync_dir
+from fff_vdi.utils.atomic import atomic_folder, atomic_write_json
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -246,10 +244,7 @@ def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state
     replaced (moved aside, then deleted once the new folder is in place).
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}{TMP_MARK}{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         _write_unet(components.unet, tmp / "unet", unet_state_dict)
         components.vae.save_pretrained(str(tmp / "vae"))
         components.image_encoder.save_pretrained(str(tmp / "image_encoder"))
@@ -260,10 +255,6 @@ def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state
         (tmp / "flow_completion").mkdir()
         torch.save(_cpu(components.flow_completion.state_dict()), tmp / "flow_completion" / FLOW_COMPLETION_FILE)
         atomic_write_json(tmp / "model_index.json", pipeline_index(components))
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -281,14 +272,3 @@ def _write_unet(unet: FFFVDIUNet, folder: Path, state_dict: dict[str, torch.Tens
 
 def _cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-
-
-def _replace_folder(new: Path, final: Path) -> None:
-    if final.exists():
-        old = final.parent / f"{final.name}{TMP_MARK}old-{secrets.token_hex(4)}"
-        os.rename(final, old)
-        os.rename(new, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(new, final)
-    fsync_dir(final.parent)

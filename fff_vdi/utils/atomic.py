@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -47,6 +49,30 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` to fill; on a clean exit it is renamed to `path`, on an
+    error removed. With `replace`, an existing `path` is moved aside and deleted once the new folder is
+    in place; without, the rename fails on an existing non-empty `path` (and the new folder is removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}{TMP_MARK}{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if replace and path.exists():
+            old = path.parent / f"{path.name}{TMP_MARK}old-{secrets.token_hex(4)}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
