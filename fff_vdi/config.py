@@ -7,7 +7,6 @@ name the key, the value and the fix. Library code takes these dataclasses, never
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -278,7 +277,3 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
            f"experiment.parallel.mixed_precision ({p.mixed_precision!r}) or turn validation off "
            "(experiment.trainer.validate_every=0)")
     return cfg
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

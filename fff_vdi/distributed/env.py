@@ -91,14 +91,6 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def broadcast_object(obj, src: int = 0):
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

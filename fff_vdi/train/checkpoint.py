@@ -197,7 +197,3 @@ class Checkpointer:
             log.info("checkpoint %s: saved on %s ranks, resuming on %d: RNG states re-derived from the seed",
                      Path(path).name, trainer_state.get("world_size"), self.world_size)
         return meta["data"], trainer_state
-
-
-def read_marker(path: Path) -> dict:
-    return json.loads((Path(path) / MARKER).read_text())
