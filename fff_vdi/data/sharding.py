@@ -32,8 +32,9 @@ Policy for bad input (every case is recorded in report.json and the printed summ
 
 Output is a pure function of the source and the arguments that shape it (not of --workers): videos
 go to a split by sha1 of their id, are taken in sorted id order, and the parent process writes the
-tars in that order while worker processes only read, verify and repair videos. Tar members carry
-fixed metadata. Every file is written to a temporary name and renamed; `manifest.json` comes last.
+tars in that order while worker processes read, verify and repair videos and pack each one's tar
+members (fff_vdi/data/tarpack.py), handing them over through shared memory (fff_vdi/data/spool.py).
+Tar members carry fixed metadata. Every file is written to a temporary name and renamed; `manifest.json` comes last.
 After a kill at any moment, --resume keeps the shards whose tar and index were both renamed,
 removes the rest, and continues from the next video: the result is byte-identical to an
 uninterrupted run. `report.json` doubles as the journal of a run in progress (its records of
@@ -44,13 +45,13 @@ from __future__ import annotations
 
 import collections
 import decimal
+import functools
 import hashlib
 import io
 import itertools
 import json
 import multiprocessing
 import os
-import queue
 import re
 import signal
 import sys
@@ -60,7 +61,7 @@ import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -82,6 +83,8 @@ from fff_vdi.data.shards import (
     meta_member_name,
     shard_name,
 )
+from fff_vdi.data.spool import Spool
+from fff_vdi.data.tarpack import Member, PackedMembers, TarShardWriter, pack_members
 from fff_vdi.errors import DataError, InputError
 from fff_vdi.utils.atomic import atomic_open, atomic_write_json, is_temp_name, remove_temp_files
 
@@ -463,25 +466,22 @@ class VideoSample:
     frames: list[bytes]
     masks: list[bytes | None] | None  # None: the run has no annotations
     meta: dict  # the per-sample JSON
-    # zlib.crc32 of each frame and mask, computed in the worker: the parent writes every byte of the
-    # run, and checksumming there too would cap the whole run at the parent's speed.
-    frame_crcs: list[int] = field(default_factory=list)
-    mask_crcs: list[int | None] | None = None
 
 
 @dataclass
 class VideoResult:
     split: str
     video_id: str
-    sample: VideoSample | None  # None: the video was skipped
+    sample: PackedSample | None  # None: the video was skipped
     records: list[dict]
     bytes_read: int
     frames_read: int
 
 
-def process_video(task: VideoTask) -> VideoResult:
+def process_video(task: VideoTask, spool: Spool) -> VideoResult:
     """Read, fully decode, repair or downscale one video's frames and masks, applying the policy
-    of the module docstring. Runs in worker processes; touches nothing but the source files."""
+    of the module docstring, and pack them as tar members (through `spool`). Runs in worker
+    processes; touches nothing but the source files and the spool."""
     records: list[dict] = []
     root = Path(task.root)
 
@@ -548,9 +548,8 @@ def process_video(task: VideoTask) -> VideoResult:
         "annotation_source": task.annotation_dir,
     }
     frames = [f.data for f in checked]
-    result.sample = VideoSample(task.key, task.video_id, width, height, frames, masks, meta,
-                                frame_crcs=[zlib.crc32(d) for d in frames],
-                                mask_crcs=None if masks is None else [None if m is None else zlib.crc32(m) for m in masks])
+    sample = VideoSample(task.key, task.video_id, width, height, frames, masks, meta)
+    result.sample = pack_sample(sample, spool)
     return result
 
 
@@ -604,129 +603,52 @@ def _read_mask(root: Path, task: VideoTask, name: str | None, frame_size, target
 
 # ------------------------------------------------------------------------------------- tar writing
 
-def _tar_header(name: str, size: int) -> bytes:
-    """GNU tar header with fixed metadata (mtime 0, root:root, 0644), so output is reproducible."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
-    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
-
-
-def _closed_size(offset: int) -> int:
-    """Size of a tar whose members end at `offset`, once closed like `tarfile` closes it: two zero
-    blocks, then zeros up to a whole record."""
-    end = offset + 2 * tarfile.BLOCKSIZE
-    return end + (-end % tarfile.RECORDSIZE)
-
-
-@dataclass
-class Member:
-    """One tar member ready to append: its header (made once), data and crc32."""
-
-    name: str
-    header: bytes
-    data: bytes
-    crc: int
-
-    @classmethod
-    def of(cls, name: str, data: bytes, crc: int | None = None) -> "Member":
-        return cls(name, _tar_header(name, len(data)), data, zlib.crc32(data) if crc is None else crc)
-
-    @property
-    def padding(self) -> int:
-        return -len(self.data) % tarfile.BLOCKSIZE
-
-    @property
-    def size(self) -> int:
-        return len(self.header) + len(self.data) + self.padding
-
-
-class TarShardWriter:
-    """Appends members to a tar file, returning where each member's data lies.
-
-    Writing and hashing run on a background thread (both release the GIL on large buffers), so the
-    parent process keeps receiving the workers' results meanwhile; offsets are known without waiting.
-    `close()` drains the thread; `sha256` is final after it."""
-
-    def __init__(self, file):
-        self.file = file
-        self.offset = 0
-        self.sha256 = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=256)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="tar-writer", daemon=True)
-        self._thread.start()
-
-    def add(self, member: Member) -> list[int]:
-        """Append one member; returns [data offset, size, crc32]."""
-        self._write(member.header)
-        where = [self.offset, len(member.data), member.crc]
-        self._write(member.data)
-        self._write(bytes(member.padding))
-        return where
-
-    def size_with(self, members: list[Member]) -> int:
-        """The closed tar's size if `members` were appended."""
-        return _closed_size(self.offset + sum(m.size for m in members))
-
-    def close(self) -> int:
-        self._write(bytes(_closed_size(self.offset) - self.offset))
-        self.stop()
-        if self._error is not None:
-            raise self._error
-        return self.offset
-
-    def stop(self) -> None:
-        """End the writer thread after what is queued (idempotent; also after an error)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def _write(self, data: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(data)
-        self.offset += len(data)
-
-    def _drain(self) -> None:
-        while (data := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self.file.write(data)
-                    self.sha256.update(data)
-                except BaseException as e:  # reported by the next add() or by close()
-                    self._error = e
-
-
 def json_bytes(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def sample_members(sample: VideoSample) -> list[Member]:
     """The tar members of one video, in sorted name order: frames, JSON, masks."""
-    members = [Member.of(frame_member_name(sample.key, i), data, crc)
-               for i, (data, crc) in enumerate(zip(sample.frames, sample.frame_crcs))]
-    members.append(Member.of(meta_member_name(sample.key), json_bytes(sample.meta)))
+    members = [Member(frame_member_name(sample.key, i), data) for i, data in enumerate(sample.frames)]
+    members.append(Member(meta_member_name(sample.key), json_bytes(sample.meta)))
     if sample.masks is not None:
-        members += [Member.of(mask_member_name(sample.key, i), data, crc)
-                    for i, (data, crc) in enumerate(zip(sample.masks, sample.mask_crcs)) if data is not None]
+        members += [Member(mask_member_name(sample.key, i), data)
+                    for i, data in enumerate(sample.masks) if data is not None]
     return members
 
 
-def write_sample(tar: TarShardWriter, sample: VideoSample, members: list[Member]) -> dict:
+@dataclass
+class PackedSample:
+    """One video as the worker hands it to the parent: its members packed as they stand in the tar."""
+
+    key: str
+    video_id: str
+    width: int
+    height: int
+    num_frames: int
+    has_masks: bool
+    members: PackedMembers
+
+
+def pack_sample(sample: VideoSample, spool: Spool) -> PackedSample:
+    return PackedSample(sample.key, sample.video_id, sample.width, sample.height, len(sample.frames),
+                        sample.masks is not None, pack_members(sample_members(sample), spool))
+
+
+def write_sample(tar: TarShardWriter, sample: PackedSample) -> dict:
     """Append one video's members; returns its index entry."""
-    where = {m.name: tar.add(m) for m in members}
-    key = sample.key
+    start = tar.append(sample.members)
+    where = {name: [start + offset, size, crc] for name, (offset, size, crc) in sample.members.where.items()}
+    key, n = sample.key, sample.num_frames
     return {
         "key": key,
         "video_id": sample.video_id,
-        "num_frames": len(sample.frames),
+        "num_frames": n,
         "width": sample.width,
         "height": sample.height,
         "json": where[meta_member_name(key)],
-        "frames": [where[frame_member_name(key, i)] for i in range(len(sample.frames))],
-        "masks": None if sample.masks is None else [where.get(mask_member_name(key, i))
-                                                    for i in range(len(sample.frames))],
+        "frames": [where[frame_member_name(key, i)] for i in range(n)],
+        "masks": [where.get(mask_member_name(key, i)) for i in range(n)] if sample.has_masks else None,
     }
 
 
@@ -805,10 +727,9 @@ class ShardWriter:
             try:
                 while (result := results.peek()) is not None:
                     if result.sample is not None:
-                        members = sample_members(result.sample)
-                        if samples and tar.size_with(members) > self.shard_size:
+                        if samples and tar.size_with(result.sample.members.size) > self.shard_size:
                             break  # the shard is full; this video starts the next one
-                        samples.append(write_sample(tar, result.sample, members))
+                        samples.append(write_sample(tar, result.sample))
                         crash_point("sample-written")
                     self._consume(results.take())
                 size = tar.close()
@@ -1007,8 +928,10 @@ def run_sharding(options: ShardOptions) -> RunSummary:
     tasks = [task for split in options.splits for task in scan.tasks[split][start[split]:]]
     progress = Progress(len(tasks))
     writer = ShardWriter(options.out, options.shard_size, journal, progress)
+    spool = Spool.for_workers(options.workers)
+    spool.remove_files()  # left by a run that was killed
     try:
-        results = map_in_order(process_video, tasks, options.workers)
+        results = map_in_order(functools.partial(process_video, spool=spool), tasks, options.workers)
         for split, split_results in itertools.groupby(results, key=lambda r: r.split):
             indexes[split] += writer.write_split(split, split_results, len(indexes[split]))
     except BrokenProcessPool as e:
@@ -1016,6 +939,7 @@ def run_sharding(options: ShardOptions) -> RunSummary:
                         f"shards are kept: rerun with --resume (with fewer --workers if memory is short)") from e
     finally:
         progress.close()
+        spool.remove_files()  # after an error: payloads that were made but not written
 
     journal.records = scan.records + _in_plan_order(journal.records, scan.tasks)
     manifest = build_manifest(options, indexes, journal.records)
