@@ -8,6 +8,12 @@ resized to 512x256, in one run on one card.
 Reports frames/s, CPU cores busy (CPU seconds of the process tree / wall seconds), frames/s per busy
 core, and host memory (RSS of the process tree). Our pipeline runs pinned to `--cores` CPU cores (the
 issue's limit); the baseline gets the cores it needs for `--baseline-workers` workers.
+
+`--variants` measures more settings of our pipeline in the same run, each a ':'-joined list of
+overrides (workers, threads, hw, prefetch, batch, cores, stage), for example
+`--variants workers=4:threads=4 hw=1.0 stage=pipeline stage=source`. Stages: `loader` (the training
+loader: DALI, then masks and jitter; the default), `pipeline` (the DALI pipeline alone) and `source`
+(the reader callable alone, in this process: what one reader core delivers).
 """
 
 from __future__ import annotations
@@ -69,17 +75,91 @@ def measure(batches, num_batches: int, frames_per_batch: int, device: torch.devi
             "host_rss_gib": max(peak_rss, rss), "seconds": wall, "batches": num_batches}
 
 
-def ours(shards: Path, args, device: torch.device, backend: str) -> dict:
-    cfg = DataConfig(shards=str(shards), num_frames=args.frames_per_clip, height=256, width=512,
-                     batch_size=args.batch_clips, frame_steps=[1, 2], masks=MaskConfig(),
-                     num_workers=args.reader_workers, decoder_threads=args.decoder_threads,
-                     hw_decoder_load=args.hw_decoder_load, prefetch=args.prefetch,
-                     short_video_policy="smaller_step", backend=backend)
+def data_config(shards: Path, args, backend: str) -> DataConfig:
+    return DataConfig(shards=str(shards), num_frames=args.frames_per_clip, height=256, width=512,
+                      batch_size=args.batch_clips, frame_steps=[1, 2], masks=MaskConfig(),
+                      num_workers=args.reader_workers, decoder_threads=args.decoder_threads,
+                      hw_decoder_load=args.hw_decoder_load, prefetch=args.prefetch,
+                      short_video_policy="smaller_step", backend=backend)
+
+
+def ours(shards: Path, args, device: torch.device, backend: str, stage: str = "loader") -> dict:
+    cfg = data_config(shards, args, backend)
+    frames_per_batch = args.batch_clips * args.frames_per_clip
+    if stage == "source":
+        return source_rate(cfg, frames_per_batch)
     loader = ClipLoader(cfg, device=device)
     try:
-        return measure(loader, args.batches, args.batch_clips * args.frames_per_clip, device)
+        if stage == "pipeline" and loader.backend == "dali":
+            from fff_vdi.data.dali_loader import dali_batches
+            from fff_vdi.data.sampler import RankSlice
+
+            batches = dali_batches(loader.source, RankSlice(0, 0, 1, cfg.batch_size), device)
+            try:
+                return measure(batches, args.batches, frames_per_batch, device)
+            finally:
+                batches.close()
+        return measure(loader, args.batches, frames_per_batch, device)
     finally:
         loader.close()
+
+
+def source_rate(cfg: DataConfig, frames_per_batch: int, samples: int = 48) -> dict:
+    """The DALI reader callable (plan + pread of the window's JPEG bytes) run in this process."""
+    from fff_vdi.data.clips import ClipSource
+    from fff_vdi.data.dali_loader import _ExternalSource
+    from fff_vdi.data.sampler import RankSlice
+    from fff_vdi.data.shards import ShardSet
+
+    source = ClipSource(ShardSet.open(cfg.shards, cfg.split, verify_crc=cfg.verify_crc), cfg)
+    call = _ExternalSource(source, RankSlice(0, 0, 1, cfg.batch_size), with_labels=False)
+
+    class Info:
+        def __init__(self, i):
+            self.idx_in_epoch = i
+
+    call(Info(0))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for i in range(1, samples + 1):
+        call(Info(i))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    fps = samples * cfg.num_frames / wall
+    return {"frames_per_s": fps, "cpu_cores_busy": cpu / wall, "frames_per_s_per_core": fps / max(cpu / wall, 1e-9),
+            "host_rss_gib": None, "seconds": wall, "samples": samples}
+
+
+VARIANT_KEYS = {"workers": ("reader_workers", int), "threads": ("decoder_threads", int),
+                "hw": ("hw_decoder_load", float), "prefetch": ("prefetch", int), "batch": ("batch_clips", int),
+                "cores": ("cores", int), "stage": ("stage", str)}
+
+
+def parse_variant(text: str, args) -> argparse.Namespace:
+    """A copy of `args` with a variant's overrides, e.g. 'workers=4:hw=1.0:stage=pipeline'."""
+    variant = argparse.Namespace(**vars(args), stage="loader", name=text)
+    for item in filter(None, text.split(":")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise SystemExit(f"--variants {text!r}: {item!r} is not KEY=VALUE with KEY one of {sorted(VARIANT_KEYS)}")
+        attr, kind = VARIANT_KEYS[key]
+        setattr(variant, attr, kind(value))
+    if variant.stage not in ("loader", "pipeline", "source"):
+        raise SystemExit(f"--variants {text!r}: stage must be loader, pipeline or source")
+    return variant
+
+
+def run_ours(shards: Path, args, device: torch.device, backend: str, stage: str = "loader") -> dict:
+    """`ours` pinned to args.cores CPU cores (children, such as DALI's reader workers, inherit it)."""
+    all_cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, set(all_cores[:args.cores]))
+    settings = {"backend": backend, "stage": stage, "cores_allowed": args.cores, "batch_clips": args.batch_clips,
+                "reader_workers": args.reader_workers, "decoder_threads": args.decoder_threads,
+                "hw_decoder_load": args.hw_decoder_load, "prefetch": args.prefetch}
+    try:
+        return {**settings, **ours(shards, args, device, backend, stage)}
+    except Exception as e:  # keep the run's other results
+        return {**settings, "error": repr(e)}
+    finally:
+        os.sched_setaffinity(0, set(all_cores))
 
 
 class PublishedClips(torch.utils.data.Dataset):
@@ -147,7 +227,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=40, help="frames per synthetic video")
     ap.add_argument("--frames-per-clip", type=int, default=25)
     ap.add_argument("--batch-clips", type=int, default=4)
-    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--cores", type=int, default=4, help="CPU cores our pipeline may use (affinity)")
     ap.add_argument("--reader-workers", type=int, default=3)
     ap.add_argument("--decoder-threads", type=int, default=3)
@@ -155,6 +235,7 @@ def main() -> int:
     ap.add_argument("--prefetch", type=int, default=DataConfig.prefetch)
     ap.add_argument("--baseline-workers", type=int, default=4)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=[], help="more settings of ours to measure (see above)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fff_vdi_data_bench_"))
@@ -164,16 +245,18 @@ def main() -> int:
                "cpu_count": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "clip": {"frames": args.frames_per_clip, "height": 256, "width": 512, "source": "1280x720 JPEG"},
                "batch_clips": args.batch_clips}
-    all_cores = sorted(os.sched_getaffinity(0))
     backend = "dali" if device.type == "cuda" else "cpu"
-    os.sched_setaffinity(0, set(all_cores[:args.cores]))  # children (DALI reader workers) inherit it
-    try:
-        results["ours"] = {"backend": backend, "cores_allowed": args.cores, "reader_workers": args.reader_workers,
-                           "decoder_threads": args.decoder_threads, **ours(shards, args, device, backend)}
-    except Exception as e:  # keep the run's other results
-        results["ours"] = {"backend": backend, "error": repr(e)}
-    os.sched_setaffinity(0, set(all_cores))
+    variants = [parse_variant(text, args) for text in args.variants]  # parse errors before any run
+    results["ours"] = run_ours(shards, args, device, backend)
     print(json.dumps(results["ours"], indent=1), flush=True)
+    if variants:
+        results["variants"] = []
+    for variant in variants:
+        results["variants"].append({"variant": variant.name,
+                                    **run_ours(shards, variant, device, backend, variant.stage)})
+        print(json.dumps(results["variants"][-1]), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
     if not args.skip_baseline:
         results["baseline"] = {"workers": args.baseline_workers, **baseline(src, args, device)}
         print(json.dumps(results["baseline"], indent=1), flush=True)
@@ -184,11 +267,15 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print("\n| pipeline | frames/s | cores busy | frames/s per core | host RSS GiB |\n|---|---|---|---|---|")
-    for name in ("ours", "baseline"):
-        r = results.get(name, {})
+    rows = [("ours", results.get("ours", {})), ("baseline", results.get("baseline", {}))]
+    rows += [(r["variant"], r) for r in results.get("variants", [])]
+    for name, r in rows:
         if "frames_per_s" in r:
+            rss = "-" if r["host_rss_gib"] is None else f"{r['host_rss_gib']:.1f}"
             print(f"| {name} | {r['frames_per_s']:.0f} | {r['cpu_cores_busy']:.2f} | {r['frames_per_s_per_core']:.0f} "
-                  f"| {r['host_rss_gib']:.1f} |")
+                  f"| {rss} |")
+        elif "error" in r:
+            print(f"| {name} | error: {r['error'][:80]} | | | |")
     if "speedup_per_core" in results:
         print(f"speedup {results['speedup']:.1f}x, per core {results['speedup_per_core']:.1f}x")
     return 0
