@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import PIL  # noqa: E402
 from PIL import features  # noqa: E402
 
+from fff_vdi.data import sharding  # noqa: E402
 from fff_vdi.data.sharding import ShardOptions, decode_jpeg, run_sharding, usable_cores  # noqa: E402
 
 TARGET_FRAMES_PER_S_PER_WORKER = 100
@@ -87,13 +88,47 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
+class Timeline:
+    """When each video's result reached the parent, and how long fsync took (patched in for one run)."""
+
+    def __init__(self):
+        self.done: list[tuple[float, int]] = []  # (seconds since start, frames)
+        self.fsync_s = 0.0
+
+    @contextlib.contextmanager
+    def recording(self, started: float):
+        timeline, progress_update, fsync = self, sharding.Progress.update, os.fsync
+
+        def update(progress, result):
+            timeline.done.append((time.perf_counter() - started, result.frames_read))
+            progress_update(progress, result)
+
+        def timed_fsync(fd):
+            t = time.perf_counter()
+            fsync(fd)
+            timeline.fsync_s += time.perf_counter() - t
+
+        sharding.Progress.update, os.fsync = update, timed_fsync
+        try:
+            yield self
+        finally:
+            sharding.Progress.update, os.fsync = progress_update, fsync
+
+    def summary(self, seconds: float) -> dict:
+        (first, _), (last, _) = self.done[0], self.done[-1]
+        between = sum(frames for _, frames in self.done[1:])
+        return {"first_video_s": round(first, 3), "last_video_s": round(last, 3),
+                "after_last_video_s": round(seconds - last, 3), "fsync_s": round(self.fsync_s, 3),
+                "steady_frames_per_s": round(between / (last - first), 1) if last > first else None}
+
+
 def shard_once(data: Path, out: Path, workers: int) -> dict:
-    """Wall and CPU seconds of one full run, and a digest of every output file."""
+    """Wall and CPU seconds of one full run, its timeline, and a digest of every output file."""
     shutil.rmtree(out, ignore_errors=True)
     load = os.getloadavg()[0]
     own_before, children_before = cpu_seconds()
     started = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), Timeline().recording(started) as timeline:
         run_sharding(ShardOptions(src=data, out=out, workers=workers))
     seconds = time.perf_counter() - started
     own_after, children_after = cpu_seconds()
@@ -101,7 +136,7 @@ def shard_once(data: Path, out: Path, workers: int) -> dict:
     for path in sorted(out.iterdir()):
         digest.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
     shutil.rmtree(out)
-    return {"seconds": seconds, "parent_cpu_s": own_after - own_before,
+    return {"seconds": seconds, "parent_cpu_s": own_after - own_before, "timeline": timeline.summary(seconds),
             "workers_cpu_s": children_after - children_before, "load_before": load, "digest": digest.hexdigest()}
 
 
@@ -143,7 +178,12 @@ def main() -> None:
                          # CPU time does not depend on what else runs on the machine: ms per frame
                          # in the decoding processes (the parent itself for 1 worker) and in the parent.
                          "parent_cpu_ms_per_frame": round(best["parent_cpu_s"] / num_frames * 1e3, 2),
-                         "workers_cpu_ms_per_frame": round(best["workers_cpu_s"] / num_frames * 1e3, 2)})
+                         "workers_cpu_ms_per_frame": round(best["workers_cpu_s"] / num_frames * 1e3, 2),
+                         # Seconds from the start to the first and the last video reaching the parent, after
+                         # it (closing the last shard, manifest), in fsync; the rate between first and last.
+                         "timeline": best["timeline"],
+                         "steady_frames_per_s_per_worker": round(
+                             (best["timeline"]["steady_frames_per_s"] or 0) / workers, 1)})
             print(f"workers={workers}: {runs[-1]['frames_per_s']} frames/s "
                   f"({runs[-1]['frames_per_s_per_worker']} per worker), {runs[-1]['source_mb_per_s']} MB/s",
                   file=sys.stderr)
