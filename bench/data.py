@@ -209,7 +209,7 @@ def make_dataset(root: Path, args) -> tuple[Path, Path]:
         return src, shards
     t0 = time.perf_counter()
     write_synthetic_videos(src, num_videos=args.videos, num_frames=args.frames, height=720, width=1280, seed=0,
-                           with_annotations=False)
+                           with_annotations=False, workers=min(8, os.cpu_count() or 1))
     print(f"synthetic 720p set: {args.videos} videos x {args.frames} frames in {time.perf_counter() - t0:.0f}s", flush=True)
     import subprocess
 

@@ -48,7 +48,8 @@ def ensure_dataset(data: Path, videos: int, frames: int, height: int, width: int
 
         shutil.rmtree(data, ignore_errors=True)
         started = time.perf_counter()
-        write_synthetic_videos(data, videos, frames, height, width, seed=0, with_annotations=False)
+        write_synthetic_videos(data, videos, frames, height, width, seed=0, with_annotations=False,
+                               workers=usable_cores())
         print(f"generated {videos * frames} frames in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         marker.touch()
     return data

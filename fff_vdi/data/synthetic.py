@@ -21,6 +21,9 @@ function of (seed, video number), so a set is reproducible file by file.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,32 +47,44 @@ def write_synthetic_videos(
     with_annotations: bool = True,
     fps_layout: str = "youtube_vos",
     quality: int = 90,
+    workers: int = 1,
 ) -> Path:
-    """Write `num_videos` videos of `num_frames` frames of `height` x `width`; returns `root`."""
+    """Write `num_videos` videos of `num_frames` frames of `height` x `width`; returns `root`. Each video
+    depends only on (seed, its index), so `workers` processes give the same files as one."""
     if fps_layout not in FRAME_NAME_STEP:
         raise InputError(f"fps_layout={fps_layout!r} is unknown; use one of {sorted(FRAME_NAME_STEP)}")
-    if min(num_videos, num_frames, height, width) < 1:
-        raise InputError(f"num_videos, num_frames, height and width must be >= 1, got "
-                         f"{num_videos}, {num_frames}, {height}, {width}")
+    if min(num_videos, num_frames, height, width, workers) < 1:
+        raise InputError(f"num_videos, num_frames, height, width and workers must be >= 1, got "
+                         f"{num_videos}, {num_frames}, {height}, {width}, {workers}")
     root = Path(root)
-    step = FRAME_NAME_STEP[fps_layout]
-    for v in range(num_videos):
-        video_id = f"synth{v:04d}"
-        scene = Scene.random(np.random.default_rng([seed, v]), num_frames, height, width)
-        frame_dir = root / "JPEGImages" / video_id
-        mask_dir = root / "Annotations" / video_id
-        frame_dir.mkdir(parents=True, exist_ok=True)
-        if with_annotations:
-            mask_dir.mkdir(parents=True, exist_ok=True)
-        for t in range(num_frames):
-            rgb, labels = scene.render(t)
-            stem = f"{t * step:05d}"
-            Image.fromarray(rgb).save(frame_dir / f"{stem}.jpg", quality=quality)
-            if with_annotations:
-                mask = Image.fromarray(labels, mode="P")
-                mask.putpalette(PALETTE)
-                mask.save(mask_dir / f"{stem}.png")
+    write = functools.partial(_write_video, root, num_frames=num_frames, height=height, width=width, seed=seed,
+                              with_annotations=with_annotations, step=FRAME_NAME_STEP[fps_layout], quality=quality)
+    if workers == 1:
+        for v in range(num_videos):
+            write(v)
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(write, range(num_videos)))
     return root
+
+
+def _write_video(root: Path, v: int, num_frames: int, height: int, width: int, seed: int, with_annotations: bool,
+                 step: int, quality: int) -> None:
+    video_id = f"synth{v:04d}"
+    scene = Scene.random(np.random.default_rng([seed, v]), num_frames, height, width)
+    frame_dir = root / "JPEGImages" / video_id
+    mask_dir = root / "Annotations" / video_id
+    frame_dir.mkdir(parents=True, exist_ok=True)
+    if with_annotations:
+        mask_dir.mkdir(parents=True, exist_ok=True)
+    for t in range(num_frames):
+        rgb, labels = scene.render(t)
+        stem = f"{t * step:05d}"
+        Image.fromarray(rgb).save(frame_dir / f"{stem}.jpg", quality=quality)
+        if with_annotations:
+            mask = Image.fromarray(labels, mode="P")
+            mask.putpalette(PALETTE)
+            mask.save(mask_dir / f"{stem}.png")
 
 
 def texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
