@@ -666,7 +666,7 @@ def profile_step(built: Built, batches, index: int, rank: int, out_stem: Path, n
             break
         except (KeyError, AttributeError, ValueError):
             continue
-    path = out_stem.parent / f"{out_stem.name}_{re.sub(r'[^A-Za-z0-9_.=-]+', '_', name)}_profile.txt"
+    path = out_stem.parent / f"{out_stem.name}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}_profile.txt"
     if rank == 0 and table is not None:
         path.write_text(table)
     top = sorted(averages, key=self_time, reverse=True)[:15]

@@ -83,7 +83,8 @@ class TarShardWriter:
         self._unsynced = 0
         self.offset = 0
         self.sha256 = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=64)
+        # A few videos at most: each holds its whole payload (in /dev/shm), so the bound is memory.
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="tar-writer", daemon=True)
         self._thread.start()
