@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3, help="runs per worker count; the best is reported")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fff_vdi_bench_shard_src")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where the shards are written (default: the temp folder); /dev/shm takes the disk out")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "shard_cpu.json")
     args = parser.parse_args()
     if args.videos is None:
@@ -163,7 +165,7 @@ def main() -> None:
     source_bytes = sum(p.stat().st_size for p in (data / "JPEGImages").rglob("*.jpg"))
     frame_paths = sorted((data / "JPEGImages").rglob("*.jpg"))
     runs, digests = [], set()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory(dir=args.out_dir) as scratch:
         for workers in args.workers:
             repeats = [shard_once(data, Path(scratch) / "out", workers) for _ in range(args.repeats)]
             digests.update(r["digest"] for r in repeats)
@@ -204,6 +206,7 @@ def main() -> None:
         "dataset": {"generator": "fff_vdi.data.synthetic", "videos": args.videos, "frames_per_video": args.frames,
                     "frames": num_frames, "width": args.width, "height": args.height,
                     "mean_frame_kb": round(source_bytes / num_frames / 1e3, 1)},
+        "shards_written_to": str(args.out_dir or tempfile.gettempdir()),
         "what_is_timed": "whole run_sharding call: scan, read, full decode check, tar writing, sha256/crc32, "
                          "index, report, manifest; spawned worker start-up included for workers > 1. "
                          "decode_ceiling: read + decode only, in a plain pool already started",
