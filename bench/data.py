@@ -238,6 +238,7 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", default=[], help="more settings of ours to measure (see above)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    variants = [parse_variant(text, args) for text in args.variants]  # errors before any work
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fff_vdi_data_bench_"))
     src, shards = make_dataset(root, args)
 
@@ -246,7 +247,6 @@ def main() -> int:
                "clip": {"frames": args.frames_per_clip, "height": 256, "width": 512, "source": "1280x720 JPEG"},
                "batch_clips": args.batch_clips}
     backend = "dali" if device.type == "cuda" else "cpu"
-    variants = [parse_variant(text, args) for text in args.variants]  # parse errors before any run
     results["ours"] = run_ours(shards, args, device, backend)
     print(json.dumps(results["ours"], indent=1), flush=True)
     if variants:
