@@ -2,10 +2,10 @@
 
 The sharder's workers produce each video's tar members (15 MB for 60 frames of 720p; hundreds of MB
 for a long 30 fps video). Through the process pool's result pipe those bytes are pickled, copied
-through the kernel and unpickled by the pool's receiving thread, which then competes for the GIL with
-the thread that writes the shards: at 16 workers the parent process became the ceiling. A worker
-instead writes the bytes to a file under /dev/shm (tmpfs: memory, not disk) and sends only its
-name; the parent maps the file, writes it to the shard and deletes it.
+through the kernel and unpickled by the pool's receiving thread, which competes for the GIL with the
+parent's other threads. A worker instead writes the bytes to a file under /dev/shm (tmpfs: memory,
+not disk) and sends only its name; the parent maps the file, writes it to the shard and deletes it.
+Measured on 16 cores at 16 workers: parent CPU per frame 0.77 -> 0.42 ms, workers' 9.7 -> 7.4 ms.
 
 Where /dev/shm is missing, not writable or full (a container's default is 64 MB), the bytes travel in
 the result as before: slower, never wrong. Files are named `fff_vdi-spool-<parent pid>-<worker

@@ -179,9 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fps-layout", choices=sorted(FRAME_NAME_STEP), default="youtube_vos",
                         help="frame numbering: consecutive (youtube_vos) or steps of 5 (youtube_vos_6fps)")
     parser.add_argument("--no-annotations", action="store_true", help="write no Annotations/ folder")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering videos (same files for any)")
     args = parser.parse_args(argv)
     root = write_synthetic_videos(args.out, args.videos, args.frames, args.height, args.width, seed=args.seed,
-                                  with_annotations=not args.no_annotations, fps_layout=args.fps_layout)
+                                  with_annotations=not args.no_annotations, fps_layout=args.fps_layout,
+                                  workers=args.workers)
     print(f"wrote {args.videos} videos of {args.frames} frames ({args.width}x{args.height}) to {root}")
 
 
