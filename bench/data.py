@@ -87,7 +87,7 @@ def ours(shards: Path, args, device: torch.device, backend: str, stage: str = "l
     cfg = data_config(shards, args, backend)
     frames_per_batch = args.batch_clips * args.frames_per_clip
     if stage == "source":
-        return source_rate(cfg, frames_per_batch)
+        return source_rate(cfg)
     loader = ClipLoader(cfg, device=device)
     try:
         if stage == "pipeline" and loader.backend == "dali":
@@ -104,7 +104,7 @@ def ours(shards: Path, args, device: torch.device, backend: str, stage: str = "l
         loader.close()
 
 
-def source_rate(cfg: DataConfig, frames_per_batch: int, samples: int = 48) -> dict:
+def source_rate(cfg: DataConfig, samples: int = 48) -> dict:
     """The DALI reader callable (plan + pread of the window's JPEG bytes) run in this process."""
     from fff_vdi.data.clips import ClipSource
     from fff_vdi.data.dali_loader import _ExternalSource
@@ -141,7 +141,10 @@ def parse_variant(text: str, args) -> argparse.Namespace:
         if key not in VARIANT_KEYS or not value:
             raise SystemExit(f"--variants {text!r}: {item!r} is not KEY=VALUE with KEY one of {sorted(VARIANT_KEYS)}")
         attr, kind = VARIANT_KEYS[key]
-        setattr(variant, attr, kind(value))
+        try:
+            setattr(variant, attr, kind(value))
+        except ValueError:
+            raise SystemExit(f"--variants {text!r}: {key} takes a {kind.__name__}, not {value!r}") from None
     if variant.stage not in ("loader", "pipeline", "source"):
         raise SystemExit(f"--variants {text!r}: stage must be loader, pipeline or source")
     return variant
@@ -227,7 +230,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=40, help="frames per synthetic video")
     ap.add_argument("--frames-per-clip", type=int, default=25)
     ap.add_argument("--batch-clips", type=int, default=4)
-    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--batches", type=int, default=200, help="timed batches (at 60, runs varied by 10%%)")
     ap.add_argument("--cores", type=int, default=4, help="CPU cores our pipeline may use (affinity)")
     ap.add_argument("--reader-workers", type=int, default=DataConfig.num_workers)
     ap.add_argument("--decoder-threads", type=int, default=DataConfig.decoder_threads)

@@ -28,3 +28,5 @@ def test_a_bad_variant_is_named_before_anything_runs(tmp_path):
     assert proc.returncode != 0
     assert "'speed=9' is not KEY=VALUE" in proc.stderr and "workers" in proc.stderr
     assert not (tmp_path / "d.json").exists() and not (tmp_path / "work").exists()
+    proc = run_tool("bench/data.py", *SMALL, "--out", str(tmp_path / "d.json"), "--variants", "hw=lots", check=False)
+    assert proc.returncode != 0 and "hw takes a float, not 'lots'" in proc.stderr
