@@ -122,10 +122,10 @@ def unet_train_flops(unet_config: dict, trainable: set[str], batch: int, frames:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, resolved_yaml: str = "", preemption: PreemptionFlag | None = None):
-        # Install the signal flag before the (minutes-long) setup, so that a preemption signal arriving
+    def __init__(self, cfg: ExperimentConfig, resolved_yaml: str, preemption: PreemptionFlag):
+        # `preemption` is installed before the (minutes-long) setup, so that a preemption signal arriving
         # now is held until the first step boundary instead of killing this rank with the default action.
-        self.preemption = preemption if preemption is not None else PreemptionFlag().install()
+        self.preemption = preemption
         self.cfg = validate(cfg)
         t = cfg.trainer
         self.dist: DistInfo = init_distributed(cfg.parallel.nccl_timeout_s)
