@@ -90,15 +90,23 @@ def ours(shards: Path, args, device: torch.device, backend: str, stage: str = "l
         return source_rate(cfg)
     loader = ClipLoader(cfg, device=device)
     try:
-        if stage == "pipeline" and loader.backend == "dali":
-            from fff_vdi.data.dali_loader import dali_batches
+        if stage == "pipeline":  # the backend's decoding alone, without ClipLoader's masks and jitter
             from fff_vdi.data.sampler import RankSlice
 
-            batches = dali_batches(loader.source, RankSlice(0, 0, 1, cfg.batch_size), device)
+            rank_slice = RankSlice(0, 0, 1, cfg.batch_size)
+            if loader.backend == "dali":
+                from fff_vdi.data.dali_loader import dali_batches
+
+                batches = dali_batches(loader.source, rank_slice, device)
+            else:
+                from fff_vdi.data.cpu_loader import cpu_batches
+
+                batches = cpu_batches(loader.source, rank_slice, cfg.num_workers, cfg.prefetch)
             try:
                 return measure(batches, args.batches, frames_per_batch, device)
             finally:
-                batches.close()
+                if hasattr(batches, "close"):  # DALI's generator (a DataLoader iterator has no close)
+                    batches.close()
         return measure(loader, args.batches, frames_per_batch, device)
     finally:
         loader.close()

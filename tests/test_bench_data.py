@@ -13,10 +13,11 @@ SMALL = ["--videos", "2", "--frames", "12", "--frames-per-clip", "4", "--batch-c
 def test_bench_measures_ours_its_variants_and_the_baseline(tmp_path):
     out = tmp_path / "data.json"
     run_tool("bench/data.py", *SMALL, "--workdir", str(tmp_path / "work"), "--out", str(out),
-             "--variants", "stage=source", "workers=1:batch=2")
+             "--variants", "stage=source", "workers=1:batch=2", "stage=pipeline")
     results = json.loads(out.read_text())
     assert results["ours"]["backend"] == "cpu" and results["ours"]["frames_per_s"] > 0
-    source, batch2 = results["variants"]
+    source, batch2, pipeline = results["variants"]
+    assert pipeline["stage"] == "pipeline" and pipeline["frames_per_s"] > 0
     assert source["variant"] == "stage=source" and source["stage"] == "source" and source["frames_per_s"] > 0
     assert batch2["reader_workers"] == 1 and batch2["batch_clips"] == 2 and batch2["frames_per_s"] > 0
     assert results["baseline"]["frames_per_s"] > 0 and results["speedup_per_core"] > 0
