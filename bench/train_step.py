@@ -29,7 +29,9 @@ Examples: `--configs published,ours,ours:overlap=1`, `--configs ours:batch=2:ac=
 
 Measured per configuration, after `--warmup` steps (compilation happens there):
   - `step_s`: wall time of `--steps` un-instrumented steps / steps (no synchronisation inside the
-    window); `clips_per_s_per_gpu` = batch / step_s. This is the end-to-end figure.
+    window); `clips_per_s_per_gpu` = batch / step_s. This is the end-to-end figure. `step_s_each`:
+    each of those steps (CUDA events at the step starts, still no synchronisation), `step_s_median`
+    their median: a stall in one step shows there rather than as a slower mean.
   - `phases_s`: medians over `--steps` instrumented steps of CUDA-event spans (no synchronisation
     either: events mark the GPU's timeline, so a span includes GPU idle time while the CPU issues
     its kernels) for raft, flow_completion, vae (both encodes), clip, unet_forward (edm_loss),
@@ -135,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="clips per GPU (default for every configuration)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (instrumented, then as many un-instrumented)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning, optimizer state)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning, optimizer state; on 4 GPUs the third compiled step still took 3 s)")
     p.add_argument("--raft-iters", type=int, default=20)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="ours: per-block compile of the UNet")
     p.add_argument("--frozen-compile", choices=("auto", "on", "off"), default="auto", help="ours: compile the frozen networks")
@@ -552,13 +554,18 @@ def global_switches(kind: str, s: dict, device: torch.device):
 # running one configuration
 
 
-def run_sequential(built: Built, batches, first_step: int, n: int, clock: Clock, rank: int, phases_per_step: list | None):
-    """n steps one after the other; with `phases_per_step` each is instrumented (its totals appended)."""
+def run_sequential(built: Built, batches, first_step: int, n: int, clock: Clock, rank: int, phases_per_step: list | None,
+                   marks: list | None = None):
+    """n steps one after the other; with `phases_per_step` each is instrumented (its totals appended).
+    Un-instrumented, `marks` (if given) gets a clock mark at each step's start and one after the last:
+    per-step times without synchronising."""
     loss = None
     for i in range(n):
         index = first_step + i
         gen = step_generator(SEED, rank, index, 0, built.conditioner.device)
         if phases_per_step is None:
+            if marks is not None:
+                marks.append(clock.mark())
             loss = built.step(batches[index % len(batches)], gen, NO_PHASES)
             continue
         phases = Phases(clock)
@@ -570,6 +577,8 @@ def run_sequential(built: Built, batches, first_step: int, n: int, clock: Clock,
         totals = phases.totals()
         totals["step"] = clock.seconds(start, end)
         phases_per_step.append(totals)
+    if marks is not None and phases_per_step is None:
+        marks.append(clock.mark())
     return loss
 
 
@@ -601,11 +610,14 @@ class OverlappedLoop:
             ready.record(self.side)
         return index, cond, gen, ready
 
-    def run(self, first_step: int, n: int) -> torch.Tensor:
+    def run(self, first_step: int, n: int, clock: Clock | None = None, marks: list | None = None) -> torch.Tensor:
+        """`marks` (with `clock`) gets a mark at each step's start and one after the last."""
         if self.pending is None or self.pending[0] != first_step:
             self.pending = self.prepare(first_step)
         loss = None
         for i in range(n):
+            if marks is not None:
+                marks.append(clock.mark())
             _, cond, gen, ready = self.pending
             self.main.wait_event(ready)
             for t in (cond.latents, cond.cond_latents, cond.cond_sigma, cond.image_embeds, cond.masks,
@@ -616,6 +628,8 @@ class OverlappedLoop:
             loss.backward()
             self.built.after_backward(loss, NO_PHASES)
             del cond
+        if marks is not None:
+            marks.append(clock.mark())
         return loss.detach()
 
 
@@ -712,16 +726,20 @@ def run_config(spec: Spec, args, dist, out_stem: Path, log) -> dict:
 
         # Un-instrumented: the end-to-end figure.
         first = args.warmup
+        marks: list = []
         clock.sync()
         t0 = time.perf_counter()
         if overlapped is not None:
-            loss = overlapped.run(first, args.steps)
+            loss = overlapped.run(first, args.steps, clock, marks)
         else:
-            loss = run_sequential(built, batches, first, args.steps, clock, dist.rank, None)
+            loss = run_sequential(built, batches, first, args.steps, clock, dist.rank, None, marks)
         clock.sync()
         step_s = (time.perf_counter() - t0) / args.steps
+        # Step by step (from the marks): a mean hides whether every step is slow or one stalls.
+        window = [clock.seconds(a, b) for a, b in zip(marks, marks[1:])]
         overlapped = None  # drops the conditioning it prepared for the next step
-        log(f"{spec.text}: {step_s:.3f} s/step un-instrumented; timing phases")
+        log(f"{spec.text}: {step_s:.3f} s/step un-instrumented (steps: {', '.join(f'{t:.3f}' for t in window)}); "
+            "timing phases")
 
         # Instrumented: where the time goes.
         per_step: list[dict] = []
@@ -737,12 +755,14 @@ def run_config(spec: Spec, args, dist, out_stem: Path, log) -> dict:
         if args.profile:
             result["profile"] = profile_step(built, batches, first + 2 * args.steps, dist.rank, out_stem, spec.text, cuda)
 
-    figures = {"step_s": step_s, **{f"phase_{k}": v for k, v in phases.items()}}
+    figures = {"step_s": step_s, **{f"phase_{k}": v for k, v in phases.items()},
+               **{f"window_{i:04d}": t for i, t in enumerate(window)}}
     for key in ("peak_memory_gib", "peak_memory_gib_incl_warmup", "peak_reserved_gib"):
         if key in result:
             figures[key] = result[key]
     figures = reduce_max(figures, device)
     step_s = figures["step_s"]
+    window = [figures[f"window_{i:04d}"] for i in range(len(window))]
     phases = {k: figures[f"phase_{k}"] for k in (*PHASES, "other", "step")}
     for key in ("peak_memory_gib", "peak_memory_gib_incl_warmup", "peak_reserved_gib"):
         if key in figures:
@@ -756,6 +776,8 @@ def run_config(spec: Spec, args, dist, out_stem: Path, log) -> dict:
         "batch_per_gpu": built.batch,
         "world_size": dist.world_size,
         "step_s": step_s,
+        "step_s_each": window,
+        "step_s_median": median(window),
         "clips_per_s_per_gpu": built.batch / step_s,
         "clips_per_s_total": built.batch * dist.world_size / step_s,
         "instrumented_step_s": phases.pop("step"),

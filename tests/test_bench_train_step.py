@@ -52,6 +52,9 @@ def test_both_configurations_run_and_report(bench_run):
         assert all(v >= 0 for v in r["phases_s"].values())
         assert r["phases_s"]["raft"] > 0 and r["phases_s"]["unet_forward"] > 0 and r["phases_s"]["backward"] > 0
         assert r["step_s"] > 0 and r["clips_per_s_per_gpu"] == pytest.approx(r["batch_per_gpu"] / r["step_s"])
+        # Each timed step on its own, inside the timed window.
+        assert len(r["step_s_each"]) == report["steps"]["timed"] and 0 < sum(r["step_s_each"]) <= r["step_s"] * report["steps"]["timed"]
+        assert r["step_s_median"] == pytest.approx(sorted(r["step_s_each"])[len(r["step_s_each"]) // 2])
         assert r["unet_mfu"] > 0 and r["step_mfu"] > 0 and r["unet_flops_per_step"] > 0
         assert r["loss_finite"]
         assert r["speedup_vs_published"] == pytest.approx(r["clips_per_s_per_gpu"] / published["clips_per_s_per_gpu"])
