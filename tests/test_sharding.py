@@ -29,6 +29,7 @@ from PIL import Image
 from fff_vdi.data.shards import ShardSet
 from fff_vdi.data.sharding import (
     ShardOptions,
+    default_workers,
     jpeg_frame_header,
     map_in_order,
     numbering_note,
@@ -184,6 +185,12 @@ def test_cli_names_the_flag_and_value_of_bad_arguments(tmp_path):
     assert result.returncode == 2 and "--src" in result.stderr
     result = shard_tool("--src", tmp_path, "--out", tmp_path / "o", "--val-fraction", "1.5")
     assert result.returncode == 2 and "--val-fraction=1.5" in result.stderr
+    result = shard_tool("--verify", tmp_path, "--workers", "0")
+    assert result.returncode == 2 and "--workers=0" in result.stderr
+
+
+def test_default_workers_leave_the_parent_a_core_on_larger_machines():
+    assert [default_workers(n) for n in (1, 2, 4, 7, 8, 16, 64)] == [1, 2, 4, 7, 7, 15, 63]
 
 
 def test_sanitize_key_and_split_are_stable():

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--src", type=Path, help="dataset root holding JPEGImages/ (and Annotations/ or Masks/), "
                                                  "or the JPEGImages/ folder itself")
     parser.add_argument("--out", type=Path, help="output folder (empty or new; or an earlier run's with --resume)")
-    parser.add_argument("--workers", type=int, default=sharding.usable_cores(),
-                        help="processes that read and decode videos (default: the usable cores, %(default)s here); "
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that read and decode videos (default: one fewer than the usable cores from 8 "
+                             f"cores up, else every core: {sharding.default_workers()} here; --verify: every core); "
                              "the output does not depend on it")
     parser.add_argument("--shard-size", type=_size, default=sharding.parse_size("1GB"), metavar="SIZE",
                         help="fill each tar up to this size: 1GB (10^9 bytes), 500MB, 64MiB (2^20) or bytes; a video "
@@ -63,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify is not None:
             if args.src is not None or args.out is not None:
                 parser.error("--verify DIR checks a finished folder; give it without --src and --out")
-            return verify(args.verify, args.workers)
+            if args.workers is not None and args.workers < 1:
+                raise InputError(f"--workers={args.workers}: use 1 or more")
+            return verify(args.verify, sharding.usable_cores() if args.workers is None else args.workers)
         if args.src is None or args.out is None:
             parser.error("--src and --out are required (or --verify DIR): --src is the dataset root holding "
                          "JPEGImages/ or the JPEGImages/ folder, --out an empty or new folder")
         sharding.run_sharding(sharding.ShardOptions(
-            src=args.src, out=args.out, workers=args.workers, shard_size=args.shard_size,
+            src=args.src, out=args.out, workers=sharding.default_workers() if args.workers is None else args.workers,
+            shard_size=args.shard_size,
             min_frames=args.min_frames, max_side=args.max_side, val_fraction=args.val_fraction,
             with_annotations=args.with_annotations, resume=args.resume))
         return 0

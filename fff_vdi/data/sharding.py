@@ -161,6 +161,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def default_workers(cores: int | None = None) -> int:
+    """Worker processes for a sharding run on `cores` (default: the usable ones): one fewer than the
+    cores from 8 up, where the parent (0.4 ms of CPU per frame: appending, hashing, indexing) needs
+    most of a core of its own; every core below that, where another worker gains more. Measured on
+    16 cores: 15 workers 2,038 frames/s, 16 workers 1,854; on 2 cores: 2 workers 313, 1 worker 200."""
+    cores = usable_cores() if cores is None else cores
+    return cores - 1 if cores >= 8 else max(1, cores)
+
+
 def sanitize_key(video_id: str) -> str:
     """A WebDataset key without dots (the extension separator): anything outside [A-Za-z0-9_-] -> '_'."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", video_id)
