@@ -137,7 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="clips per GPU (default for every configuration)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (instrumented, then as many un-instrumented)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning, optimizer state; on 4 GPUs the third compiled step still took 3 s)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning, optimizer "
+                                                         "state; on 4 GPUs the third compiled step still took 3 s)")
     p.add_argument("--raft-iters", type=int, default=20)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="ours: per-block compile of the UNet")
     p.add_argument("--frozen-compile", choices=("auto", "on", "off"), default="auto", help="ours: compile the frozen networks")
