@@ -83,6 +83,7 @@ from fff_vdi.distributed.parallelize import parallelize_unet  # noqa: E402
 from fff_vdi.models.components import build_random_components  # noqa: E402
 from fff_vdi.models.fast_paths import apply_fast_paths  # noqa: E402
 from fff_vdi.models.unet import FFFVDIUNet  # noqa: E402
+from fff_vdi.train.gc_schedule import ScheduledGC  # noqa: E402
 from fff_vdi.train.metrics import PEAK_BF16_FLOPS, count_train_flops  # noqa: E402
 from fff_vdi.train.objective import FrozenConditioner, edm_loss, step_generator  # noqa: E402
 from fff_vdi.train.optim import build_optimizer, clip_grad_norm, mark_trainable, trainable_parameters  # noqa: E402
@@ -120,6 +121,7 @@ OURS_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "tf32": (True, bool),  # TF32 for fp32 matmuls (deformable convs, RAFT correlation), as the trainer sets
     "cudnn_benchmark": (True, bool),
     "checks": (True, bool),  # the trainer's per-step loss all-reduce and grad-norm (two host syncs)
+    "gc_every": (50, int),  # the trainer's: automatic Python GC off, generation 1 every n steps (0: automatic)
 }
 PUBLISHED_KEYS = ("batch", "raft_iters")
 
@@ -232,8 +234,8 @@ def resolve_settings(kind: str, overrides: dict, args: argparse.Namespace, devic
         s["frozen_dtype"] = "bf16" if cuda else "fp32"
     if s["overlap"] and not cuda:
         s["overlap"] = False  # streams are CUDA's; recorded as resolved
-    if s["batch"] < 1 or s["raft_iters"] < 1 or s["ac_every"] < 1 or not 0 < s["flow_scale"] <= 1:
-        raise ValueError(f"ours: batch, raft_iters, ac_every must be >= 1 and flow_scale in (0, 1]: {s}")
+    if s["batch"] < 1 or s["raft_iters"] < 1 or s["ac_every"] < 1 or not 0 < s["flow_scale"] <= 1 or s["gc_every"] < 0:
+        raise ValueError(f"ours: batch, raft_iters, ac_every must be >= 1, gc_every >= 0 and flow_scale in (0, 1]: {s}")
     return s
 
 
@@ -391,6 +393,7 @@ class Built:
     reference_flops_per_step: int  # the same without the fast paths (the published model's count)
     notes: list[str] = field(default_factory=list)
     counters: dict[str, Callable[[], int]] = field(default_factory=dict)  # read once the timed steps are done
+    gc_schedule: ScheduledGC = field(default_factory=lambda: ScheduledGC(0))  # entered around the steps
 
 
 def build_published(s: dict, args, dist, components) -> Built:
@@ -470,6 +473,7 @@ def build_ours(s: dict, args, dist, components) -> Built:
         conditioner.compile(backend=s["compile_backend"])
     compute_dtype = torch.bfloat16
     state = {"last_loss": None, "nonfinite": 0}
+    gc_schedule = ScheduledGC(s["gc_every"])
 
     def optimizer_step(phases: Phases) -> None:
         with phases("optimizer"):
@@ -480,6 +484,7 @@ def build_ours(s: dict, args, dist, components) -> Built:
                     state["nonfinite"] += 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        gc_schedule.tick()
 
     def step(batch, gen, phases: Phases) -> torch.Tensor:
         pixels, masks = batch
@@ -503,7 +508,7 @@ def build_ours(s: dict, args, dist, components) -> Built:
     if s["raft_iters"] != 20:
         notes.append(f"RAFT {s['raft_iters']} iterations (published: 20)")
     return Built(step, conditioner, unet, compute_dtype, after_backward, s["batch"], as_run, ref, notes,
-                 counters={"nonfinite_steps": lambda: state["nonfinite"]})
+                 counters={"nonfinite_steps": lambda: state["nonfinite"]}, gc_schedule=gc_schedule)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -699,11 +704,12 @@ def run_config(spec: Spec, args, dist, out_stem: Path, log) -> dict:
         result["baseline_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
     counters_before = dynamo_counters()
     tick = time.perf_counter()
-    with global_switches(spec.kind, s, device):
+    with global_switches(spec.kind, s, device), contextlib.ExitStack() as stack:
         components = build_random_components(args.model, seed=0, device=device)
         builder = build_published if spec.kind == "published" else build_ours
         built = builder(s, args, dist, components)
         del components
+        stack.enter_context(built.gc_schedule)
         result["build_s"] = time.perf_counter() - tick
         log(f"{spec.text}: built in {result['build_s']:.1f} s; warming up ({args.warmup} steps)")
         batches = synthetic_batches(args.data_batches, built.batch, args.frames, args.height, args.width, device, seed=SEED + dist.rank)

@@ -173,6 +173,7 @@ class TrainerConfig:
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, stop after max_nonfinite_skips)
     max_nonfinite_skips: int = 10
     heartbeat_s: float = 60.0
+    gc_every: int = 50  # Python's garbage collector: generation 1 every n steps on every rank (0 = automatic)
     export_at_end: bool = True
     progress_bar: bool = True
     stop_after_steps: int = 0  # test hook: leave the loop after this many steps (0 = off)
@@ -273,6 +274,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
            "keep at least 2, so that a crash while saving never leaves you without a checkpoint")
     _check(t.checkpoint_every >= 1, "experiment.trainer.checkpoint_every", t.checkpoint_every, "use 1 or more")
     _choice("experiment.trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    _check(t.gc_every >= 0, "experiment.trainer.gc_every", t.gc_every,
+           "use 0 (Python's automatic collection) or a number of steps, e.g. 50")
     _check(t.validate_every == 0 or m.frozen_dtype == p.mixed_precision, "experiment.model.frozen_dtype",
            m.frozen_dtype, f"validation samples with the frozen networks in the UNet's dtype: set it to "
            f"experiment.parallel.mixed_precision ({p.mixed_precision!r}) or turn validation off "

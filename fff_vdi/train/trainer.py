@@ -33,6 +33,7 @@ from fff_vdi.errors import FFFVDIError
 from fff_vdi.models.components import Components, build_random_components, load_components
 from fff_vdi.train.checkpoint import Checkpointer, resolve_resume
 from fff_vdi.train.export import export_pipeline
+from fff_vdi.train.gc_schedule import ScheduledGC
 from fff_vdi.train.metrics import PEAK_BF16_FLOPS, Heartbeat, MetricsWriter, count_train_flops, peak_memory_gib
 from fff_vdi.train.objective import DTYPES, FrozenConditioner, edm_loss, step_generator
 from fff_vdi.train.optim import (
@@ -272,6 +273,7 @@ class Trainer:
 
             progress = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         steps_this_run = 0
+        gc_schedule = ScheduledGC(t.gc_every).start()
         try:
             while self.step < t.max_steps:
                 if self.device.type == "cuda":
@@ -280,6 +282,7 @@ class Trainer:
                 out = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
+                gc_schedule.tick()  # inside the step's time: what a collection costs shows in the metrics
                 step_time = time.perf_counter() - tick
                 steps_this_run += 1
                 self.heartbeat.beat(self.step)
@@ -292,6 +295,7 @@ class Trainer:
                 preempted = agree_any(self.preemption.requested, self.device)
                 if preempted or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                     self.save()
+                    gc_schedule.collect_all()
                 if preempted:
                     log.info("preemption signal (%s): saved step %d, exiting", self.preemption.signal_name, self.step)
                     if self.dist.is_main:
@@ -305,6 +309,7 @@ class Trainer:
                 export_pipeline(self.unet, self.components, self.unet_config, self.run_dir / "pipeline", self.dist.is_main)
             return 0
         finally:
+            gc_schedule.stop()
             self.checkpointer.wait()
             if progress is not None:
                 progress.close()
