@@ -234,8 +234,10 @@ def resolve_settings(kind: str, overrides: dict, args: argparse.Namespace, devic
         s["frozen_dtype"] = "bf16" if cuda else "fp32"
     if s["overlap"] and not cuda:
         s["overlap"] = False  # streams are CUDA's; recorded as resolved
-    if s["batch"] < 1 or s["raft_iters"] < 1 or s["ac_every"] < 1 or not 0 < s["flow_scale"] <= 1 or s["gc_every"] < 0:
-        raise ValueError(f"ours: batch, raft_iters, ac_every must be >= 1, gc_every >= 0 and flow_scale in (0, 1]: {s}")
+    if (s["batch"] < 1 or s["raft_iters"] < 1 or s["ac_every"] < 1 or not 0 < s["flow_scale"] <= 1
+            or s["gc_every"] < 0):
+        raise ValueError(f"ours: batch, raft_iters, ac_every must be >= 1, gc_every >= 0 and flow_scale in (0, 1]: "
+                         f"{s}")
     return s
 
 
