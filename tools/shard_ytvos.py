@@ -64,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify is not None:
             if args.src is not None or args.out is not None:
                 parser.error("--verify DIR checks a finished folder; give it without --src and --out")
-            if args.workers is not None and args.workers < 1:
-                raise InputError(f"--workers={args.workers}: use 1 or more")
             return verify(args.verify, sharding.usable_cores() if args.workers is None else args.workers)
         if args.src is None or args.out is None:
             parser.error("--src and --out are required (or --verify DIR): --src is the dataset root holding "

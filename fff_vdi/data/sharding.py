@@ -1066,6 +1066,8 @@ class ShardCheck:
 def verify_shards(out: Path, workers: int = 1) -> ShardCheck:
     """Re-hash every shard and index against the manifest, check the tar structure against the
     index, and decode every frame and mask at its indexed offset (crc32 first)."""
+    if workers < 1:
+        raise InputError(f"--workers={workers}: use 1 or more")
     manifest = load_manifest(out)
     jobs = [(str(out), shard, manifest["with_annotations"])
             for split in manifest["splits"].values() for shard in split["shards"]]
