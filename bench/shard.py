@@ -209,8 +209,8 @@ def main() -> None:
         "shards_written_to": str(args.out_dir or tempfile.gettempdir()),
         "what_is_timed": "whole run_sharding call: scan, read, full decode check, tar writing, sha256/crc32, "
                          "index, report, manifest; spawned worker start-up included for workers > 1. "
-                         "decode_ceiling: read + decode only of the first 400 frames per worker, in a plain pool "
-                         "already started",
+                         f"decode_ceiling: read + decode only of the first {CEILING_FRAMES_PER_WORKER} frames per "
+                         "worker, in a plain pool already started",
         "target_frames_per_s_per_worker": TARGET_FRAMES_PER_S_PER_WORKER,
         "meets_target": all(r["frames_per_s_per_worker"] >= TARGET_FRAMES_PER_S_PER_WORKER for r in runs),
         "identical_output_across_worker_counts": len(digests) == 1,
