@@ -31,7 +31,6 @@ from fff_vdi.data.sharding import (
     ShardOptions,
     default_workers,
     jpeg_frame_header,
-    map_in_order,
     numbering_note,
     parse_size,
     run_sharding,
@@ -41,6 +40,7 @@ from fff_vdi.data.sharding import (
 )
 from fff_vdi.data.synthetic import write_synthetic_videos
 from fff_vdi.errors import DataError, InputError
+from fff_vdi.utils.parallel import map_in_order
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "shard_ytvos.py"

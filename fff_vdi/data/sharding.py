@@ -50,20 +50,17 @@ import hashlib
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import signal
 import sys
 import tarfile
-import threading
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -87,6 +84,7 @@ from fff_vdi.data.spool import Spool
 from fff_vdi.data.tarpack import Member, PackedMembers, TarShardWriter, pack_members
 from fff_vdi.errors import DataError, InputError
 from fff_vdi.utils.atomic import atomic_open, atomic_write_json, is_temp_name, remove_temp_files
+from fff_vdi.utils.parallel import map_in_order
 
 TOOL = "tools/shard_ytvos.py"
 REPORT_FORMAT = "fff-vdi-shard-report"
@@ -776,43 +774,6 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-# ----------------------------------------------------------------------------------- parallel map
-
-def map_in_order(function: Callable, items: Iterable, workers: int) -> Iterator:
-    """function(item) for each item, in order, over `workers` spawned processes (this process for 1),
-    with at most 2 x workers items in flight so memory stays bounded however long one item takes.
-    A worker that dies (out of memory, a crash in a decoder) raises BrokenProcessPool, not a hang."""
-    if workers == 1:
-        yield from map(function, items)
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
-        in_flight: collections.deque = collections.deque()
-        try:
-            for item in items:
-                in_flight.append(pool.submit(function, item))
-                if len(in_flight) >= 2 * workers:
-                    yield in_flight.popleft().result()
-            while in_flight:
-                yield in_flight.popleft().result()
-        finally:  # on an error or an early stop, only the videos already being read are finished
-            for future in in_flight:
-                future.cancel()
-
-
-def _init_worker(parent_pid: int) -> None:
-    # Ctrl-C is the parent's to handle (it terminates the pool). A worker whose parent was killed
-    # (kill -9) would wait for tasks forever, since its siblings keep the task pipe open: watch for it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(1)
-    os._exit(1)
 
 
 # ------------------------------------------------------------------------------- output and resume

@@ -21,9 +21,7 @@ function of (seed, video number), so a set is reproducible file by file.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import functools
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from fff_vdi.errors import InputError
+from fff_vdi.utils.parallel import map_in_order
 
 FRAME_NAME_STEP = {"youtube_vos": 1, "youtube_vos_6fps": 5}
 # DAVIS / YouTube-VOS palette colours of background, object 1 and object 2.
@@ -59,12 +58,8 @@ def write_synthetic_videos(
     root = Path(root)
     write = functools.partial(_write_video, root, num_frames=num_frames, height=height, width=width, seed=seed,
                               with_annotations=with_annotations, step=FRAME_NAME_STEP[fps_layout], quality=quality)
-    if workers == 1:
-        for v in range(num_videos):
-            write(v)
-    else:
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(write, range(num_videos)))
+    for _ in map_in_order(write, range(num_videos), workers):
+        pass
     return root
 
 
