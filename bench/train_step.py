@@ -42,6 +42,10 @@ Measured per configuration, after `--warmup` steps (compilation happens there):
     never counted, the same definition as the trainer's; for ours the FLOPs as run, i.e. with the fast
     paths) / time / 989 TFLOP/s: `unet_mfu` over unet_forward + backward, `step_mfu` over step_s.
   - peak memory: torch.cuda.max_memory_allocated over the timed steps (`_incl_warmup` over all).
+  - with `--profile` (CUDA, ours): `unet_kernels`, one UNet forward+backward alone under the
+    profiler, its kernels' time per class (matmul/conv, attention, inductor's fused kernels, layout
+    transforms, copies, communication, other), the GPU's idle share, and the MFU the step would reach
+    if only the FLOP-doing kernels (matmul/conv, attention) took time: the bound these kernels set.
   - with several ranks: every figure is the slowest (largest) rank's; clips/s per GPU and the world
     size are recorded, weak-scaling efficiency = clips/s per GPU at N / at 1 (separate runs).
 A failing configuration (out of memory, a compile error) is recorded with its error and the run goes
@@ -695,6 +699,90 @@ def profile_step(built: Built, batches, index: int, rank: int, out_stem: Path, n
     return {"table": str(path), "top_ops_self_ms": [{"op": e.key[:80], "ms": round(self_time(e) / 1e3, 3), "calls": e.count} for e in top]}
 
 
+# Kernel classes of the UNet profile: the first class whose fragment is in a kernel's lower-cased name.
+# Inductor's kernels come first: their names carry the aten ops they fuse ("..._fused_convolution_...").
+KERNEL_CLASSES = (
+    ("fused_triton", ("triton",)),
+    ("communication", ("nccl",)),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul_conv", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "conv", "wgrad", "dgrad", "fprop")),
+    ("copy", ("memcpy", "memset")),
+)
+FLOP_CLASSES = ("matmul_conv", "attention")  # where torch.utils.flop_counter's FLOPs are done
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    for cls, fragments in KERNEL_CLASSES:
+        if any(f in lowered for f in fragments):
+            return cls
+    return "other"
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) spans: time with at least one kernel running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarize_kernels(kernels: list[tuple[str, float, float]], wall_s: float, flops: int) -> dict:
+    """(name, start s, end s) of every GPU kernel of a UNet forward+backward -> time per class, the
+    GPU's busy time (communication kept apart: it overlaps compute on its own stream), and the
+    throughput of the kernels that do the counted FLOPs: the MFU the step would have if everything
+    else took no time at all, an upper bound for these kernels at these shapes."""
+    per_class: dict[str, float] = {}
+    per_name: dict[str, float] = {}
+    compute_spans = []
+    for name, start, end in kernels:
+        cls = kernel_class(name)
+        per_class[cls] = per_class.get(cls, 0.0) + (end - start)
+        per_name[name] = per_name.get(name, 0.0) + (end - start)
+        if cls != "communication":
+            compute_spans.append((start, end))
+    busy = busy_seconds(compute_spans)
+    flop_s = sum(per_class.get(c, 0.0) for c in FLOP_CLASSES)
+    compute = sum(t for c, t in per_class.items() if c != "communication")
+    top = sorted(per_name.items(), key=lambda kv: kv[1], reverse=True)[:25]
+    return {
+        "wall_s": wall_s,
+        "compute_busy_s": busy,
+        "gpu_idle_fraction": max(0.0, 1.0 - busy / wall_s) if wall_s > 0 else float("nan"),
+        "class_s": dict(sorted(per_class.items(), key=lambda kv: kv[1], reverse=True)),
+        "class_share_of_compute": {c: t / compute for c, t in per_class.items() if c != "communication"} if compute else {},
+        "flop_kernels_tflops": flops / flop_s / 1e12 if flop_s else float("nan"),
+        "mfu_if_only_flop_kernels": flops / flop_s / PEAK_BF16_FLOPS if flop_s else float("nan"),
+        "mfu_of_busy_time": flops / busy / PEAK_BF16_FLOPS if busy else float("nan"),
+        "top_kernels_ms": [{"kernel": n[:120], "class": kernel_class(n), "ms": round(t * 1e3, 3)} for n, t in top],
+    }
+
+
+def profile_unet_kernels(built: Built, batches, index: int, rank: int) -> dict:
+    """One UNet forward + backward alone (the conditioning made before) under torch.profiler, its
+    GPU kernels summarised by class (`summarize_kernels`); then the optimizer step, as in training."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = built.conditioner.device
+    gen = step_generator(SEED, rank, index, 0, device)
+    pixels, masks = batches[index % len(batches)]
+    cond = built.conditioner(pixels, masks, gen)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        loss = edm_loss(built.unet, cond, ObjectiveConfig(), gen, built.compute_dtype)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        wall_s = time.perf_counter() - t0
+    built.after_backward(loss, NO_PHASES)
+    kernels = [(e.name, e.time_range.start / 1e6, e.time_range.end / 1e6) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return summarize_kernels(kernels, wall_s, built.flops_per_step)
+
+
 def run_config(spec: Spec, args, dist, out_stem: Path, log) -> dict:
     device = dist.device
     cuda = device.type == "cuda"
@@ -763,6 +851,11 @@ def run_config(spec: Spec, args, dist, out_stem: Path, log) -> dict:
 
         if args.profile:
             result["profile"] = profile_step(built, batches, first + 2 * args.steps, dist.rank, out_stem, spec.text, cuda)
+            if cuda and spec.kind == "ours":
+                try:  # an extra: its failure must not cost the configuration's figures
+                    result["unet_kernels"] = profile_unet_kernels(built, batches, first + 2 * args.steps + 1, dist.rank)
+                except Exception as e:
+                    result["unet_kernels"] = {"error": f"{type(e).__name__}: {e}"}
 
     figures = {"step_s": step_s, **{f"phase_{k}": v for k, v in phases.items()},
                **{f"window_{i:04d}": t for i, t in enumerate(window)}}

@@ -155,3 +155,30 @@ def test_downscaled_flows_come_back_at_full_size():
     assert torch.isfinite(forward).all() and torch.isfinite(backward).all()
     with pytest.raises(ValueError, match="flow_scale"):
         FrozenConditioner(components, ObjectiveConfig(), 1, torch.float32, torch.device("cpu"), flow_scale=0.0)
+
+
+def test_kernel_summary_classes_and_bounds():
+    """The UNet profile's summary: classes by kernel name (inductor's fused kernels even when their
+    names hold "convolution"), busy time as the union of overlapping spans, communication apart, and
+    the FLOP kernels' throughput from their time alone."""
+    bench = load_bench()
+    assert bench.kernel_class("triton_poi_fused_convolution_silu_3") == "fused_triton"
+    assert bench.kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul_conv"
+    assert bench.kernel_class("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul_conv"
+    assert bench.kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert bench.kernel_class("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout"
+    assert bench.kernel_class("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)") == "communication"
+    assert bench.kernel_class("Memcpy DtoD (Device -> Device)") == "copy"
+    assert bench.kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    assert bench.busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
+    kernels = [("sm90_xmma_gemm_bf16", 0.0, 0.4), ("flash_bwd_kernel", 0.4, 0.5), ("triton_red_fused_1", 0.5, 1.0),
+               ("ncclDevKernel_ReduceScatter", 0.2, 1.5)]
+    flops = int(0.5 * bench.PEAK_BF16_FLOPS)  # half a second's worth at the peak
+    s = bench.summarize_kernels(kernels, wall_s=2.0, flops=flops)
+    assert s["compute_busy_s"] == pytest.approx(1.0)  # communication left out
+    assert s["gpu_idle_fraction"] == pytest.approx(0.5)
+    assert s["class_s"]["communication"] == pytest.approx(1.3)
+    assert s["class_share_of_compute"] == pytest.approx({"matmul_conv": 0.4, "attention": 0.1, "fused_triton": 0.5})
+    assert s["mfu_if_only_flop_kernels"] == pytest.approx(1.0)  # 0.5 s of peak work in 0.5 s of FLOP kernels
+    assert s["mfu_of_busy_time"] == pytest.approx(0.5)
+    assert s["top_kernels_ms"][0] == {"kernel": "ncclDevKernel_ReduceScatter", "class": "communication", "ms": 1300.0}
