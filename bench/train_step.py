@@ -121,6 +121,7 @@ OURS_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "sdpa": ("auto", ("auto", "flash", "efficient", "cudnn", "math")),  # preferred SDPA kernel (math stays as fallback)
     "overlap": (False, bool),  # conditioning of step k+1 on a side stream during step k (CUDA)
     "reshard": (False, bool),  # FSDP2 reshard_after_forward (False: no second all-gather in backward)
+    "shard_frozen": (False, bool),  # the trainer's parallel.shard_frozen (False: frozen UNet parameters replicated)
     "fused_adamw": (True, bool),
     "tf32": (True, bool),  # TF32 for fp32 matmuls (deformable convs, RAFT correlation), as the trainer sets
     "cudnn_benchmark": (True, bool),
@@ -462,8 +463,9 @@ def build_ours(s: dict, args, dist, components) -> Built:
     mark_trainable(unet, "temporal")
     unet.train()
     pcfg = ParallelConfig(activation_checkpointing=s["ac"], selective_every=s["ac_every"], compile=s["compile"],
-                          fsdp=True, reshard_after_forward=s["reshard"], mixed_precision="bfloat16",
-                          force_channels_last=s["layout_opt"] == "force", fast_paths=s["fast_paths"])
+                          fsdp=True, reshard_after_forward=s["reshard"], shard_frozen=s["shard_frozen"],
+                          mixed_precision="bfloat16", force_channels_last=s["layout_opt"] == "force",
+                          fast_paths=s["fast_paths"])
     compile_kwargs = {"fullgraph": s["fullgraph"], "backend": s["compile_backend"]}
     unet = parallelize_unet(unet, pcfg, dist.world_size, device, compile_kwargs=compile_kwargs)
     params = trainable_parameters(unet)
@@ -753,7 +755,8 @@ def summarize_kernels(kernels: list[tuple[str, float, float]], wall_s: float, fl
         "compute_busy_s": busy,
         "gpu_idle_fraction": max(0.0, 1.0 - busy / wall_s) if wall_s > 0 else float("nan"),
         "class_s": dict(sorted(per_class.items(), key=lambda kv: kv[1], reverse=True)),
-        "class_share_of_compute": {c: t / compute for c, t in per_class.items() if c != "communication"} if compute else {},
+        "class_share_of_compute": ({c: t / compute for c, t in per_class.items() if c != "communication"}
+                                   if compute else {}),
         "flop_kernels_tflops": flops / flop_s / 1e12 if flop_s else float("nan"),
         "mfu_if_only_flop_kernels": flops / flop_s / PEAK_BF16_FLOPS if flop_s else float("nan"),
         "mfu_of_busy_time": flops / busy / PEAK_BF16_FLOPS if busy else float("nan"),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_tool
+from fff_vdi.train.optim import TEMPORAL_PATTERNS
 
 STEP_SECONDS_BUDGET = 600
 
@@ -192,9 +193,11 @@ def test_two_nodes_then_two_resumes_on_one_node_match_the_straight_run(straight_
 def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_pipeline, synthetic_shards, tmp_path):
     """The options the published recipe leaves off, together on two processes, then a resume:
     gradient accumulation, sharded EMA, async DCP saves, warmup + cosine, clipping of the sharded
-    gradients, the skip policy for a non-finite step; and validation under FSDP."""
+    gradients, the skip policy for a non-finite step; and validation under FSDP. In bf16, where the
+    frozen parameters are replicated in bf16: the export still writes them exactly as loaded."""
     run = tmp_path / "options"
-    extra = {"experiment.trainer.grad_accum": 2, "experiment.optim.ema_decay": 0.9,
+    extra = {"experiment.parallel.mixed_precision": "bfloat16", "experiment.model.frozen_dtype": "bfloat16",
+             "experiment.trainer.grad_accum": 2, "experiment.optim.ema_decay": 0.9,
              "experiment.trainer.async_checkpoint": "true", "experiment.optim.schedule": "cosine",
              "experiment.optim.warmup_steps": 2, "experiment.optim.grad_clip": 0.01,
              "experiment.trainer.nonfinite": "skip", "experiment.trainer.inject_nan_at_step": 3,
@@ -229,16 +232,25 @@ def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_p
     ema = load_file(tmp_path / "ema_pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     refiner = "noise_refiner.fuse.0.weight"
     assert not torch.equal(trained[refiner], ema[refiner])  # EMA lags the trained weights
+    # Frozen parameters exported exactly as loaded (fp32), not as the bf16 copies training used.
+    base = load_file(tiny_pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    frozen = [k for k in base if not any(t in k for t in TEMPORAL_PATTERNS)]
+    assert frozen and all(trained[k].dtype == torch.float32 and torch.equal(trained[k], base[k].float())
+                          for k in frozen)
+    assert any(not torch.equal(base[k].to(torch.bfloat16).float(), base[k].float()) for k in frozen)  # can fail
+    assert not torch.equal(trained[refiner], base[refiner].float())  # and the trained ones did train
     # Resume (EMA, optimizer and scheduler state) and finish two more steps.
     launch(overrides(tiny_pipeline, synthetic_shards, run, **{**extra, "experiment.trainer.max_steps": 6}), nproc=2)
     assert max(losses(run)) == 6
 
 
 def test_hsdp_replicates_across_groups(straight_run, tiny_pipeline, synthetic_shards, tmp_path):
-    """HSDP on two processes as two replica groups of one shard each gives the plain-FSDP losses."""
+    """HSDP on two processes as two replica groups of one shard each, with the frozen parameters
+    sharded too (parallel.shard_frozen), gives the losses of plain FSDP with them replicated."""
     hsdp = tmp_path / "hsdp"
     launch(overrides(tiny_pipeline, synthetic_shards, hsdp, **{"experiment.trainer.max_steps": 2,
-                                                                "experiment.parallel.hsdp_replicas": 2}), nproc=2)
+                                                                "experiment.parallel.hsdp_replicas": 2,
+                                                                "experiment.parallel.shard_frozen": "true"}), nproc=2)
     fsdp, replicated = losses(straight_run), losses(hsdp)
     assert sorted(replicated) == [1, 2]
     assert all(replicated[s] == pytest.approx(fsdp[s], rel=1e-5) for s in replicated)

@@ -5,7 +5,9 @@
      block would hold that block's activations at once (over 100 GiB at 1024x576x25),
   2. torch.compile per block (in place, so parameter names do not change),
   3. FSDP2 `fully_shard` per block, then at the root, with bf16 parameters and fp32 gradient
-     reduction; HSDP (replicate across groups, shard within) when `hsdp_replicas` > 1.
+     reduction; HSDP (replicate across groups, shard within) when `hsdp_replicas` > 1. Frozen
+     parameters stay out of FSDP unless `shard_frozen`: cast to the compute dtype and replicated,
+     they need no all-gather (`frozen_originals` keeps their full-precision values for the export).
 
 "Blocks" are the UNet's top-level stages: the noise refiner, each down block, the mid block and each
 up block. The model code knows nothing of this; frozen networks (VAE, CLIP, RAFT, flow completion)
@@ -104,18 +106,34 @@ def build_mesh(world_size: int, device_type: str, hsdp_replicas: int):
     return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
 
 
-def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_forward: bool) -> None:
+def frozen_originals(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """A host copy of the frozen parameters at their current precision, by name: what the export
+    writes for them once `apply_fsdp` has cast them to the compute dtype."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in unet.named_parameters() if not p.requires_grad}
+
+
+def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_forward: bool,
+               shard_frozen: bool = True) -> int:
+    """Shard per block and at the root. With `shard_frozen` False the parameters that do not train
+    are cast to `param_dtype` in place and left out of FSDP (replicated; FSDP2's `ignored_params`).
+    Returns the number of parameter elements left out."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Inputs are not cast: sigma, timesteps and time ids must stay float32; the model casts what
     # meets its weights to the weights' dtype itself.
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    frozen = set() if shard_frozen else {p for p in unet.parameters() if not p.requires_grad}
+    for p in frozen:  # in place: the Parameter objects (and so the compiled blocks' inputs) stay
+        p.data = p.data.to(param_dtype)
     blocks = unet_blocks(unet)
     for i, (parent, name) in enumerate(blocks):
+        block = _get(parent, name)
         # The last block's parameters are needed again first in backward: keep them gathered.
-        fully_shard(_get(parent, name), mesh=mesh, mp_policy=mp,
-                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
+                    ignored_params={p for p in block.parameters() if p in frozen} or None)
+    fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
+                ignored_params=frozen or None)
+    return sum(p.numel() for p in frozen)
 
 
 def parallelize_unet(unet: nn.Module, cfg: ParallelConfig, world_size: int, device: torch.device,
@@ -137,8 +155,9 @@ def parallelize_unet(unet: nn.Module, cfg: ParallelConfig, world_size: int, devi
         unet.to(param_dtype)
     if use_fsdp:
         mesh = build_mesh(world_size, device.type, cfg.hsdp_replicas)
-        apply_fsdp(unet, mesh, param_dtype, cfg.reshard_after_forward)
+        replicated = apply_fsdp(unet, mesh, param_dtype, cfg.reshard_after_forward, cfg.shard_frozen)
     log.info("parallelize: activation checkpointing %s (%d units), compile %s, %s",
              cfg.activation_checkpointing, n, cfg.compile,
-             f"FSDP2 over {world_size} ranks (HSDP x{cfg.hsdp_replicas})" if use_fsdp else "no FSDP (one process)")
+             f"FSDP2 over {world_size} ranks (HSDP x{cfg.hsdp_replicas}), {replicated / 1e6:.1f}M frozen "
+             "parameters replicated" if use_fsdp else "no FSDP (one process)")
     return unet

@@ -33,10 +33,18 @@ def _template(components: Components, unet_config: dict) -> Components:
     return dataclasses.replace(components, unet=unet)
 
 
-def export_pipeline(unet, components: Components, unet_config: dict, out_dir: Path, is_main: bool) -> None:
-    """Collective: every rank takes part in gathering the shards; rank 0 writes `out_dir`."""
+def export_pipeline(unet, components: Components, unet_config: dict, out_dir: Path, is_main: bool,
+                    frozen: dict[str, torch.Tensor] | None = None) -> None:
+    """Collective: every rank takes part in gathering the shards; rank 0 writes `out_dir`. `frozen`
+    (rank 0): the frozen parameters as loaded, written instead of the training copies (which
+    training may hold in the compute dtype)."""
     full = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
+        if frozen:
+            unknown = sorted(set(frozen) - set(full))
+            if unknown:
+                raise FFFVDIError(f"export: frozen parameters {unknown[:3]} are not in the UNet's state dict")
+            full.update(frozen)
         save_pipeline(_template(components, unet_config), out_dir, unet_state_dict={k: v.float() for k, v in full.items()})
         log.info("exported the pipeline to %s", out_dir)
 

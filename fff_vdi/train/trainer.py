@@ -28,7 +28,7 @@ from fff_vdi.distributed.env import (
     init_distributed,
     shutdown,
 )
-from fff_vdi.distributed.parallelize import parallelize_unet
+from fff_vdi.distributed.parallelize import frozen_originals, parallelize_unet
 from fff_vdi.errors import FFFVDIError
 from fff_vdi.models.components import Components, build_random_components, load_components
 from fff_vdi.train.checkpoint import Checkpointer, resolve_resume
@@ -166,6 +166,9 @@ class Trainer:
                      len(trained_names) - len(updated))
         unet.to(self.device)
         unet.train()
+        # parallelize_unet casts the frozen parameters to the compute dtype (unless shard_frozen): the
+        # export writes them as loaded, from this copy (rank 0 writes the export).
+        self.frozen_originals = frozen_originals(unet) if self.dist.is_main and not cfg.parallel.shard_frozen else None
         self.unet = parallelize_unet(unet, cfg.parallel, self.dist.world_size, self.device)
         self.params = trainable_parameters(self.unet)
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
@@ -306,7 +309,8 @@ class Trainer:
                     return 0
             self.checkpointer.wait()
             if t.export_at_end:
-                export_pipeline(self.unet, self.components, self.unet_config, self.run_dir / "pipeline", self.dist.is_main)
+                export_pipeline(self.unet, self.components, self.unet_config, self.run_dir / "pipeline",
+                                self.dist.is_main, frozen=self.frozen_originals)
             return 0
         finally:
             gc_schedule.stop()
