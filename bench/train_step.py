@@ -781,8 +781,9 @@ def profile_unet_kernels(built: Built, batches, index: int, rank: int) -> dict:
         torch.cuda.synchronize(device)
         wall_s = time.perf_counter() - t0
     built.after_backward(loss, NO_PHASES)
+    # GPU-side spans of record_function ranges (FSDP's "FSDP::pre_forward", ...) are not kernels.
     kernels = [(e.name, e.time_range.start / 1e6, e.time_range.end / 1e6) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+               if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     return summarize_kernels(kernels, wall_s, built.flops_per_step)
 
 
