@@ -151,10 +151,10 @@ class ParallelConfig:
     fsdp: bool = True  # False only for debugging: the UNet is then cast to mixed_precision whole
     reshard_after_forward: bool = True
     # False: the UNet's frozen parameters (trainable=temporal: 1,127M of 1,545M at SVD-XT size) stay
-    # out of FSDP, replicated on every rank in mixed_precision: nothing to all-gather for them each
-    # step (2.3 GB at SVD-XT size), for 2.3 GB per GPU (about what their gathered copies took) plus
-    # a full-precision copy in rank 0's host memory, which the end-of-training export writes.
-    # True: sharded like the trained ones.
+    # out of FSDP, replicated on every rank in mixed_precision: nothing to all-gather for them at each
+    # step (2.3 GB in bf16 at SVD-XT size). They then take 2.3 GB per GPU instead of 4.5 GB / GPUs
+    # (fp32 shards), and with trainer.export_at_end rank 0 keeps their loaded values in host memory
+    # (4.5 GB) for the export. True: sharded like the trained ones.
     shard_frozen: bool = False
     hsdp_replicas: int = 1  # >1: HSDP, replicate across this many groups (nodes), shard within
     mixed_precision: str = "bfloat16"  # param dtype of the trained UNet in forward/backward

@@ -129,7 +129,8 @@ def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_fo
     for i, (parent, name) in enumerate(blocks):
         block = _get(parent, name)
         # The last block's parameters are needed again first in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
+        fully_shard(block, mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
                     ignored_params={p for p in block.parameters() if p in frozen} or None)
     fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                 ignored_params=frozen or None)

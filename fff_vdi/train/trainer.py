@@ -168,7 +168,8 @@ class Trainer:
         unet.train()
         # parallelize_unet casts the frozen parameters to the compute dtype (unless shard_frozen): the
         # export writes them as loaded, from this copy (rank 0 writes the export).
-        self.frozen_originals = frozen_originals(unet) if self.dist.is_main and not cfg.parallel.shard_frozen else None
+        keep_originals = self.dist.is_main and t.export_at_end and not cfg.parallel.shard_frozen
+        self.frozen_originals = frozen_originals(unet) if keep_originals else None
         self.unet = parallelize_unet(unet, cfg.parallel, self.dist.world_size, self.device)
         self.params = trainable_parameters(self.unet)
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
