@@ -90,6 +90,10 @@ def test_spec_parsing_names_the_bad_key():
         bench.parse_specs("published:compile=1", args, torch.device("cpu"))
     with pytest.raises(ValueError, match="ac='some'"):
         bench.parse_specs("ours:ac=some", args, torch.device("cpu"))
+    # --batch is ours': the published recipe stays at its batch of 1 unless its own key says otherwise.
+    published, ours, published4 = bench.parse_specs("published,ours,published:batch=4",
+                                                    bench.parse_args([*TINY, "--batch", "2"]), torch.device("cpu"))
+    assert (published.settings["batch"], ours.settings["batch"], published4.settings["batch"]) == (1, 2, 4)
 
 
 def test_flop_count_is_the_trainers():
