@@ -113,7 +113,7 @@ def frozen_originals(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_forward: bool,
-               shard_frozen: bool = True) -> int:
+               shard_frozen: bool) -> int:
     """Shard per block and at the root. With `shard_frozen` False the parameters that do not train
     are cast to `param_dtype` in place and left out of FSDP (replicated; FSDP2's `ignored_params`).
     Returns the number of parameter elements left out."""
