@@ -10,7 +10,9 @@ machine's cores. As the ceiling to compare with, the same frames are also read a
 plain process pool of each size (timed after the pool has started), after each sharding run, which
 shows how far the machine itself scales: `ceiling_scaling_efficiency` is that pool's, beside the
 sharder's `scaling_efficiency` (whole runs) and `steady_scaling_efficiency` (between the first and
-the last video: start-up and the last round's tail left out).
+the last video: start-up and the last round's tail left out). A pool of the same size hashing a buffer
+that stays in each core's cache (`core_ceiling`) shows how the cores alone scale: clock speed falling
+as more of them run, or hardware threads sharing a core (the machine's topology is recorded).
 """
 
 from __future__ import annotations
@@ -66,23 +68,57 @@ def cpu_model() -> str | None:
     return None
 
 
+def cpu_topology() -> dict:
+    """Logical CPUs this process may use, and the physical cores and sockets they belong to (Linux
+    sysfs; None elsewhere): hardware threads of one core share its execution units."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        folder = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((folder.joinpath("physical_package_id").read_text().strip(),
+                       folder.joinpath("core_id").read_text().strip()))
+        except OSError:
+            return {"logical_cpus": len(cpus) or None, "physical_cores": None, "sockets": None}
+    return {"logical_cpus": len(cpus), "physical_cores": len(cores), "sockets": len({s for s, _ in cores})}
+
+
 def read_and_decode(path: Path) -> None:
     decode_jpeg(path.read_bytes())
 
 
-def decode_ceiling(paths: list[Path], workers: int) -> float:
-    """Frames per second of reading and decoding every frame in a plain pool of `workers`
-    processes (this process for 1), timed once the pool is up."""
+_CACHED_BUFFER = bytes(range(256)) * 128  # 32 KB: stays in a core's own cache
+
+
+def hash_in_cache(_task: int) -> None:
+    digest = hashlib.sha256()
+    for _ in range(400):
+        digest.update(_CACHED_BUFFER)
+
+
+def pool_rate(function, items: list, workers: int, chunksize: int) -> float:
+    """Items per second of function over items in a plain pool of `workers` processes (this
+    process for 1), timed once the pool is up."""
     if workers == 1:
         started = time.perf_counter()
-        for path in paths:
-            read_and_decode(path)
-        return len(paths) / (time.perf_counter() - started)
+        for item in items:
+            function(item)
+        return len(items) / (time.perf_counter() - started)
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.map(read_and_decode, paths[:workers], chunksize=1)  # start-up and imports
+        pool.map(function, items[:workers], chunksize=1)  # start-up and imports
         started = time.perf_counter()
-        pool.map(read_and_decode, paths, chunksize=4)
-        return len(paths) / (time.perf_counter() - started)
+        pool.map(function, items, chunksize=chunksize)
+        return len(items) / (time.perf_counter() - started)
+
+
+def decode_ceiling(paths: list[Path], workers: int) -> float:
+    """Frames per second of reading and decoding every frame in a plain pool."""
+    return pool_rate(read_and_decode, paths, workers, chunksize=4)
+
+
+def core_ceiling(workers: int) -> float:
+    """Hashes per second of a cache-resident buffer in a plain pool (200 tasks per process)."""
+    return pool_rate(hash_in_cache, list(range(200 * workers)), workers, chunksize=8)
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -170,10 +206,11 @@ def main() -> None:
     runs, digests = [], set()
     with tempfile.TemporaryDirectory(dir=args.out_dir) as scratch:
         for workers in args.workers:
-            repeats, ceilings = [], []
-            for _ in range(args.repeats):  # alternating, so that both see the same state of the machine
+            repeats, ceilings, core_rates = [], [], []
+            for _ in range(args.repeats):  # alternating, so that all see the same state of the machine
                 repeats.append(shard_once(data, Path(scratch) / "out", workers))
                 ceilings.append(decode_ceiling(frame_paths, workers))
+                core_rates.append(core_ceiling(workers))
             digests.update(r["digest"] for r in repeats)
             best = min(repeats, key=lambda r: r["seconds"])
             ceiling = max(ceilings)
@@ -187,6 +224,8 @@ def main() -> None:
                          "decode_ceiling_frames_per_s": round(ceiling, 1),
                          "decode_ceiling_each": [round(c, 1) for c in ceilings],
                          "fraction_of_ceiling": round(num_frames / best["seconds"] / ceiling, 2),
+                         "core_ceiling_per_s": round(max(core_rates), 1),
+                         "core_ceiling_each": [round(c, 1) for c in core_rates],
                          # CPU time does not depend on what else runs on the machine: ms per frame
                          # in the decoding processes (the parent itself for 1 worker) and in the parent.
                          "parent_cpu_ms_per_frame": round(cpu_ms["parent_user"] + cpu_ms["parent_sys"], 2),
@@ -212,12 +251,13 @@ def main() -> None:
                                                  first["steady_frames_per_s_per_worker"])
         run["ceiling_scaling_efficiency"] = ratio(run["decode_ceiling_frames_per_s"],
                                                   first["decode_ceiling_frames_per_s"] * n)
+        run["core_scaling_efficiency"] = ratio(run["core_ceiling_per_s"], first["core_ceiling_per_s"] * n)
     results = {
         "benchmark": "bench/shard.py",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
                     "machine": platform.machine(),
-                    "cores": os.cpu_count(), "usable_cores": usable_cores(),
+                    "cores": os.cpu_count(), "usable_cores": usable_cores(), "topology": cpu_topology(),
                     "python": platform.python_version(), "pillow": PIL.__version__,
                     "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo"))},
         "dataset": {"generator": "fff_vdi.data.synthetic", "videos": args.videos, "frames_per_video": args.frames,
@@ -227,7 +267,8 @@ def main() -> None:
         "what_is_timed": "whole run_sharding call: scan, read, full decode check, tar writing, sha256/crc32, "
                          "index, report, manifest; spawned worker start-up included for workers > 1. "
                          "decode_ceiling: read + decode only of every frame, in a plain pool already started, "
-                         "once after each sharding run (the best is reported)",
+                         "once after each sharding run (the best is reported); core_ceiling: sha256 of a "
+                         "32 KB buffer in a plain pool, after that",
         "target_frames_per_s_per_worker": TARGET_FRAMES_PER_S_PER_WORKER,
         "meets_target": all(r["frames_per_s_per_worker"] >= TARGET_FRAMES_PER_S_PER_WORKER for r in runs),
         "identical_output_across_worker_counts": len(digests) == 1,
