@@ -71,7 +71,9 @@ def cpu_model() -> str | None:
 def cpu_topology() -> dict:
     """Logical CPUs this process may use, and the physical cores and sockets they belong to (Linux
     sysfs; None elsewhere): hardware threads of one core share its execution units."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not hasattr(os, "sched_getaffinity"):
+        return {"logical_cpus": os.cpu_count(), "physical_cores": None, "sockets": None}
+    cpus = sorted(os.sched_getaffinity(0))
     cores = set()
     for cpu in cpus:
         folder = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
@@ -79,7 +81,7 @@ def cpu_topology() -> dict:
             cores.add((folder.joinpath("physical_package_id").read_text().strip(),
                        folder.joinpath("core_id").read_text().strip()))
         except OSError:
-            return {"logical_cpus": len(cpus) or None, "physical_cores": None, "sockets": None}
+            return {"logical_cpus": len(cpus), "physical_cores": None, "sockets": None}
     return {"logical_cpus": len(cpus), "physical_cores": len(cores), "sockets": len({s for s, _ in cores})}
 
 
