@@ -203,8 +203,8 @@ def main() -> None:
 
     data = ensure_dataset(args.data, args.videos, args.frames, args.height, args.width)
     num_frames = args.videos * args.frames
-    source_bytes = sum(p.stat().st_size for p in (data / "JPEGImages").rglob("*.jpg"))
     frame_paths = sorted((data / "JPEGImages").rglob("*.jpg"))
+    source_bytes = sum(p.stat().st_size for p in frame_paths)
     runs, digests = [], set()
     with tempfile.TemporaryDirectory(dir=args.out_dir) as scratch:
         for workers in args.workers:
@@ -247,8 +247,8 @@ def main() -> None:
     first = runs[0]
     for run in runs:
         n = run["workers"] / first["workers"]
-        run["speedup_vs_first"] = round(run["frames_per_s"] / first["frames_per_s"], 2)
-        run["scaling_efficiency"] = round(run["frames_per_s"] / (first["frames_per_s"] * n), 2)
+        run["speedup_vs_first"] = ratio(run["frames_per_s"], first["frames_per_s"])
+        run["scaling_efficiency"] = ratio(run["frames_per_s"], first["frames_per_s"] * n)
         run["steady_scaling_efficiency"] = ratio(run["steady_frames_per_s_per_worker"],
                                                  first["steady_frames_per_s_per_worker"])
         run["ceiling_scaling_efficiency"] = ratio(run["decode_ceiling_frames_per_s"],
