@@ -20,12 +20,14 @@ from fff_vdi.eval import (
     MAX_PSNR,
     I3DFeatures,
     frechet_distance,
+    hole_ssim_per_frame,
     i3d_feature,
     load_i3d,
     masked_psnr_per_frame,
     psnr_per_frame,
     ssim_per_frame,
     warping_error_per_pair,
+    warping_error_per_pair_dis,
 )
 from fff_vdi.evaluate import main as evaluate_main
 from fff_vdi.inference.video_io import read_rgb
@@ -68,6 +70,21 @@ def test_masked_psnr_uses_only_hole_pixels(davis_frames):
     assert np.isnan(psnr[1])
 
 
+def test_hole_ssim_weights_windows_by_their_hole_share(davis_frames):
+    gt = np.ascontiguousarray(davis_frames[:3, 40:140, 100:260])
+    pred = degraded(gt)
+    everywhere = np.ones(gt.shape[:3], bool)
+    assert np.allclose(hole_ssim_per_frame(pred, gt, everywhere), ssim_per_frame(pred, gt))  # one weight for all
+    holes = np.zeros(gt.shape[:3], bool)
+    holes[:, 30:70, 40:120] = True
+    composite = np.where(holes[..., None], pred, gt)  # the ground truth outside the hole
+    inside = hole_ssim_per_frame(composite, gt, holes)
+    assert np.all(inside < ssim_per_frame(composite, gt))  # untouched windows no longer dilute the hole
+    assert np.allclose(hole_ssim_per_frame(gt, gt, holes), 1.0)
+    holes[1] = False
+    assert np.isnan(hole_ssim_per_frame(composite, gt, holes)[1])
+
+
 class ConstantFlow(torch.nn.Module):
     """Stands in for RAFT: the same flow everywhere, forward = +flow, backward = -flow."""
 
@@ -95,6 +112,18 @@ def test_warping_error_follows_its_definition():
     errors = warping_error_per_pair(pred, pred, ConstantFlow(0.0))
     direct = [((pred[t + 1] / 255.0 - pred[t] / 255.0) ** 2).mean() for t in range(2)]
     assert np.allclose(errors, direct)
+
+
+def test_warping_error_with_dis_flows_sees_motion(davis_frames):
+    # The DAVIS frame sliding right by 2 px per frame: DIS finds the motion, so a prediction that
+    # moves with it has almost no warping error, and one that flickers has a large one.
+    base = davis_frames[0]
+    moving = np.stack([base[:, 20 - 2 * t : 400 - 2 * t] for t in range(4)])
+    along = warping_error_per_pair_dis(moving, moving)
+    flicker = moving.copy()
+    flicker[1::2] = np.clip(flicker[1::2].astype(int) + 40, 0, 255)
+    assert along.shape == (3,) and along.max() < 2e-3
+    assert warping_error_per_pair_dis(flicker, moving).min() > 10 * along.max()
 
 
 def test_frechet_distance_matches_the_formula():

@@ -9,12 +9,14 @@ from fff_vdi.eval.metrics import (
     MAX_PSNR,
     I3DFeatures,
     frechet_distance,
+    hole_ssim_per_frame,
     i3d_feature,
     load_i3d,
     masked_psnr_per_frame,
     psnr_per_frame,
     ssim_per_frame,
     warping_error_per_pair,
+    warping_error_per_pair_dis,
 )
 
 __all__ = [
@@ -22,10 +24,12 @@ __all__ = [
     "MAX_PSNR",
     "I3DFeatures",
     "frechet_distance",
+    "hole_ssim_per_frame",
     "i3d_feature",
     "load_i3d",
     "masked_psnr_per_frame",
     "psnr_per_frame",
     "ssim_per_frame",
     "warping_error_per_pair",
+    "warping_error_per_pair_dis",
 ]

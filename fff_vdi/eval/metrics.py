@@ -9,12 +9,15 @@ frames of all videos. Frames are (T, H, W, 3) uint8 numpy arrays here.
   `compare_ssim(..., data_range=255, multichannel=True, win_size=65)`: a 65x65 uniform window,
   sample (co)variances (N / (N - 1)), C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, on each RGB channel,
   averaged over the positions the window covers entirely and over channels. (The common 11-tap
-  Gaussian SSIM gives other numbers; papers' tables use the 65 window.)
+  Gaussian SSIM gives other numbers; papers' tables use the 65 window.) Inside the holes: the same
+  SSIM map averaged with each window weighted by its share of hole pixels.
 - E_warp (Lai et al., ECCV 2018): flows on the ground truth between frames t and t+1 (RAFT, both
   directions); the prediction's frame t+1 is warped back to t along the forward flow; the error
   is the squared difference in [0, 1] RGB averaged over the pixels that pass the forward-backward
   consistency check and over the 3 channels, then averaged over frame pairs. Papers print it
   multiplied by a power of ten; the JSON and the table of `fff_vdi.evaluate` give it x 10^3.
+  `warping_error_per_pair_dis` takes the flows from OpenCV's DIS instead of RAFT (runs whose RAFT
+  has random weights).
 - VFID: Frechet distance between I3D features (Mixed_5c averaged over time and space, 1024-d)
   of the ground-truth videos and of the predicted videos, one feature per video, frames in [0, 1]
   as E2FGVI feeds them. Needs at least two videos.
@@ -26,6 +29,7 @@ import math
 import zipfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import scipy.linalg
 import torch
@@ -75,6 +79,29 @@ def ssim_per_frame(pred: np.ndarray, gt: np.ndarray, device: torch.device | str 
     The 65x65 window is applied without padding ("valid"): scikit-image filters with reflected
     borders and then drops the 32-pixel border, which leaves exactly the valid positions.
     """
+    maps = _ssim_maps(pred, gt, device, frames_per_batch)
+    return np.asarray([m.mean() for m in maps])
+
+
+def hole_ssim_per_frame(pred: np.ndarray, gt: np.ndarray, holes: np.ndarray, device: torch.device | str = "cpu",
+                        frames_per_batch: int = 16) -> np.ndarray:
+    """SSIM inside the holes (holes bool (T, H, W)): the SSIM map averaged over the window positions,
+    each weighted by the share of hole pixels in its window (windows without a hole pixel count for
+    nothing); NaN for frames whose holes no valid window reaches."""
+    maps = _ssim_maps(pred, gt, device, frames_per_batch)
+    taps = _uniform_taps().to(device)
+    out = []
+    for start in range(0, len(holes), frames_per_batch):
+        h = torch.from_numpy(np.ascontiguousarray(holes[start : start + frames_per_batch])).to(device, torch.float64)
+        shares = _window_filter(h[:, None], taps)[:, 0].cpu().numpy()  # (n, H', W'), like the maps
+        for ssim_map, share in zip(maps[start : start + frames_per_batch], shares):
+            total = share.sum()
+            out.append(float((ssim_map * share).sum() / total) if total > 0 else np.nan)
+    return np.asarray(out)
+
+
+def _ssim_maps(pred: np.ndarray, gt: np.ndarray, device: torch.device | str, frames_per_batch: int) -> np.ndarray:
+    """(T, H - 64, W - 64) SSIM maps (averaged over the RGB channels) at the valid window positions."""
     _check_pair(pred, gt)
     if min(pred.shape[1:3]) < 2 * SSIM_RADIUS + 1:
         raise ValueError(f"SSIM needs frames of at least {2 * SSIM_RADIUS + 1}x{2 * SSIM_RADIUS + 1} pixels, got {pred.shape[2]}x{pred.shape[1]}")
@@ -90,7 +117,7 @@ def ssim_per_frame(pred: np.ndarray, gt: np.ndarray, device: torch.device | str 
         var_y = SSIM_COV_NORM * (yy - mu_y * mu_y)
         cov = SSIM_COV_NORM * (xy - mu_x * mu_y)
         ssim_map = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2))
-        out.append(ssim_map.mean(dim=(2, 3)).mean(dim=1).cpu())
+        out.append(ssim_map.mean(dim=1).cpu())
     return torch.cat(out).numpy()
 
 
@@ -130,14 +157,35 @@ def warping_error_per_pair(
         with torch.no_grad():
             flows = _raft_padded(raft, torch.cat([first, second]), torch.cat([second, first]), iters, dtype)
         flow_forward, flow_backward = flows.chunk(2)
-        valid = forward_backward_validity(flow_forward, flow_backward)
-        pred_frames = torch.from_numpy(pred[start : stop + 1]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        warped_next = flow_warp(pred_frames[1:], flow_forward)
-        squared = (warped_next - pred_frames[:-1]) ** 2
-        for k in range(len(squared)):
-            mask = valid[k] if valid[k].sum() > 0 else torch.ones_like(valid[k])
-            errors.append(float((squared[k] * mask).sum() / (3 * mask.sum())))
+        errors.extend(_warping_errors(pred[start : stop + 1], flow_forward, flow_backward))
     return np.asarray(errors)
+
+
+def warping_error_per_pair_dis(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """E_warp as `warping_error_per_pair`, with flows from OpenCV's DIS optical flow (a classical
+    estimator, no weights: for runs whose RAFT is untrained) on the ground truth's grey frames."""
+    _check_pair(pred, gt)
+    if len(gt) < 2:
+        return np.zeros(0)
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in gt]
+    def flows(sources, targets):  # (T-1, 2, H, W), channel 0 = x
+        return torch.from_numpy(np.stack([dis.calc(a, b, None) for a, b in zip(sources, targets)])).permute(0, 3, 1, 2)
+    return np.asarray(_warping_errors(pred, flows(grey[:-1], grey[1:]), flows(grey[1:], grey[:-1])))
+
+
+def _warping_errors(pred: np.ndarray, flow_forward: torch.Tensor, flow_backward: torch.Tensor) -> list[float]:
+    """Per pair: the prediction's frame t+1 warped back to t along the forward flow, squared difference
+    in [0, 1] RGB over the forward-backward consistent pixels; pred has one frame more than the flows."""
+    device = flow_forward.device
+    valid = forward_backward_validity(flow_forward, flow_backward)
+    pred_frames = torch.from_numpy(pred).to(device).permute(0, 3, 1, 2).float() / 255.0
+    squared = (flow_warp(pred_frames[1:], flow_forward) - pred_frames[:-1]) ** 2
+    errors = []
+    for k in range(len(squared)):
+        mask = valid[k] if valid[k].sum() > 0 else torch.ones_like(valid[k])
+        errors.append(float((squared[k] * mask).sum() / (3 * mask.sum())))
+    return errors
 
 
 def _raft_padded(raft: RAFTFlow, image1: torch.Tensor, image2: torch.Tensor, iters: int, dtype: torch.dtype) -> torch.Tensor:
