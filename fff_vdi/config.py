@@ -174,6 +174,10 @@ class TrainerConfig:
     async_checkpoint: bool = False
     resume: str = "auto"  # "auto" (newest complete), "none", or a checkpoint folder
     validate_every: int = 1000  # 0 = off
+    validate_at_start: bool = False  # also validate before the first step (step 0: the untrained or loaded model)
+    # E_warp's flow on the ground truth in validation: "raft" (the pipeline's; the evaluation protocol) or
+    # "dis" (OpenCV's DIS, for a pipeline whose RAFT has random weights).
+    val_ewarp_flow: str = "raft"
     val_clips: int = 2
     val_steps: int = 25  # sampler steps for validation videos
     nonfinite: str = "stop"  # "stop" or "skip" (skip the update, stop after max_nonfinite_skips)
@@ -280,6 +284,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
            "keep at least 2, so that a crash while saving never leaves you without a checkpoint")
     _check(t.checkpoint_every >= 1, "experiment.trainer.checkpoint_every", t.checkpoint_every, "use 1 or more")
     _choice("experiment.trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    _choice("experiment.trainer.val_ewarp_flow", t.val_ewarp_flow, ("raft", "dis"))
+    _check(not t.validate_at_start or t.validate_every > 0, "experiment.trainer.validate_at_start", t.validate_at_start,
+           "validation is off (experiment.trainer.validate_every=0): set validate_every too, or validate_at_start=false")
     _check(t.gc_every >= 0, "experiment.trainer.gc_every", t.gc_every,
            "use 0 (Python's automatic collection) or a number of steps, e.g. 50")
     _check(t.validate_every == 0 or m.frozen_dtype == p.mixed_precision, "experiment.model.frozen_dtype",

@@ -17,6 +17,7 @@ import torch
 
 from conftest import REPO, run_tool
 from fff_vdi.train.optim import TEMPORAL_PATTERNS
+from fff_vdi.train.validate import VIDEO_TAG
 
 STEP_SECONDS_BUDGET = 600
 
@@ -222,8 +223,8 @@ def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_p
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    assert "val/sample" in events.Tags()["images"]
-    assert {"val/psnr_hole", "val/ssim", "train/loss", "train/lr"} <= set(events.Tags()["scalars"])
+    assert VIDEO_TAG in events.Tags()["images"]
+    assert {"val/hole_psnr_db", "val/hole_ssim", "val/ewarp_x1e3", "train/loss", "train/lr"} <= set(events.Tags()["scalars"])
     # The EMA weights export from the checkpoint, on the CPU, without a process group.
     run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--ema", "--out", str(tmp_path / "ema_pipeline"))
     from safetensors.torch import load_file

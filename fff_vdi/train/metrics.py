@@ -58,12 +58,15 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """Rank 0 writes every logged step to TensorBoard and to `<run_dir>/metrics.jsonl`."""
+    """Rank 0 writes every logged step to TensorBoard and to `<run_dir>/metrics.jsonl`, validations to
+    `<run_dir>/validation.jsonl`."""
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
         self._tb = None
         self._jsonl = None
+        self._validation_jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -97,14 +100,24 @@ class MetricsWriter:
                               encoded_image_string=buffer.getvalue())
         self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        if self.enabled:
-            self._tb.add_scalar(tag, value, step)
+    def add_validation(self, step: int, values: dict) -> None:
+        """One validation's scalars: TensorBoard `val/<name>` and a line of `<run_dir>/validation.jsonl`."""
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if math.isfinite(v):
+                self._tb.add_scalar(f"val/{k}", v, step)
+        if self._validation_jsonl is None:
+            self._validation_jsonl = open(self.run_dir / "validation.jsonl", "a", buffering=1)
+        clean = {k: (v if math.isfinite(v) else None) for k, v in values.items()}
+        self._validation_jsonl.write(json.dumps({"step": step, **clean}) + "\n")
 
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+            if self._validation_jsonl is not None:
+                self._validation_jsonl.close()
 
 
 class Heartbeat:

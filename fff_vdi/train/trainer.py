@@ -279,6 +279,8 @@ class Trainer:
         steps_this_run = 0
         gc_schedule = ScheduledGC(t.gc_every).start()
         try:
+            if self.validator is not None and t.validate_at_start and self.step == 0:
+                self.validator.run(self.unet, 0, self.metrics)
             while self.step < t.max_steps:
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
