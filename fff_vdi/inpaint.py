@@ -53,7 +53,9 @@ from fff_vdi.inference.video_io import (
 )
 from fff_vdi.inference.windows import WindowedInpainter, default_overlap, plan_windows
 from fff_vdi.models import load_components
-from fff_vdi.utils.atomic import atomic_folder
+from fff_vdi.utils.atomic import atomic_folder, check_output_folder
+
+INPAINT_WRITER = "fff_vdi.inpaint"
 
 DEFAULT_FPS = 24.0  # for frame folders (DAVIS is 24 fps)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raft", help="RAFT weights (raft-things.pth) when --model has no raft/ (a Hugging Face SVD id)")
     p.add_argument("--flow-completion", help="recurrent_flow_completion.pth when --model has no flow_completion/")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if an earlier inpaint wrote it (anything else is never replaced)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (the UNet runs 2x this per window)")
     p.add_argument("--height", type=int, help="model frame height (multiple of 8, >= 128)")
     p.add_argument("--width", type=int, help="model frame width (multiple of 8, >= 128)")
@@ -99,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def inpaint(args: argparse.Namespace) -> Path:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} exists: choose another folder or pass --overwrite")
+    check_output_folder(out, INPAINT_WRITER, args.overwrite)
     if args.steps < 1 or args.raft_iters < 1 or args.mask_dilation < 0:
         raise InputError("--steps and --raft-iters must be >= 1 and --mask-dilation >= 0")
     device = torch.device(args.device)
@@ -136,7 +137,7 @@ def inpaint(args: argparse.Namespace) -> Path:
                 step_bar.reset()
 
         inpainted = WindowedInpainter(sampler, window, overlap)(frames_thwc, holes_thw, torch.Generator().manual_seed(args.seed), on_step)
-        with atomic_folder(out, replace=args.overwrite) as tmp:
+        with atomic_folder(out, INPAINT_WRITER, args.overwrite) as tmp:
             write_outputs(tmp, video, masks, inpainted, args)
         return out
 

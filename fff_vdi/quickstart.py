@@ -57,16 +57,33 @@ def held_out_video(shards: Path) -> str:
     return index["samples"][0]["video_id"]
 
 
+# What the quick start writes into --out; --fresh deletes these and refuses a folder holding anything else.
+OWN_OUTPUTS = ("videos", "shards", "tiny_pipeline", "runs", "inpainted")
+
+
+def remove_own_outputs(out: Path) -> None:
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_OUTPUTS)
+    if foreign:
+        raise SystemExit(f"quickstart: --fresh refused: {out} holds {foreign[:3]}, which the quick start did not "
+                         f"write (it writes only {', '.join(OWN_OUTPUTS)}); give another --out")
+    for name in OWN_OUTPUTS:
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("quickstart_out"), help="everything is written here")
     ap.add_argument("--steps", type=int, default=40, help="training steps")
     ap.add_argument("--videos", type=int, default=8)
-    ap.add_argument("--fresh", action="store_true", help="delete --out first (otherwise training resumes)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="delete the quick start's own outputs in --out first (otherwise training resumes)")
     args = ap.parse_args(argv)
     out = args.out.resolve()
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
+    if args.fresh:
+        remove_own_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     import torch

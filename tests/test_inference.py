@@ -19,7 +19,7 @@ from fff_vdi.errors import InputError
 from fff_vdi.inference import InpaintSampler, Window, WindowedInpainter, crossfade_weights, plan_windows
 from fff_vdi.inference.video_io import model_frame_size, open_masks, open_video, read_rgb, write_mp4
 from fff_vdi.models import decode_latents, encode_first_frame, encode_frames, load_components
-from fff_vdi.utils.atomic import atomic_folder
+from fff_vdi.utils.atomic import OUTPUT_RECORD, atomic_folder
 
 H, W = 128, 128
 
@@ -347,8 +347,11 @@ def test_inpaint_rejects_bad_input_and_writes_nothing(capsys, tiny_pipeline, sma
 def test_inpaint_refuses_to_replace_an_output_and_bad_sizes(capsys, tiny_pipeline, small_video, tmp_path):
     frames, masks = small_video
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
     code, err = run_cli(capsys, tiny_pipeline, frames, masks, tmp_path / "out")
-    assert code == 2 and "exists: choose another folder or pass --overwrite" in err
+    assert code == 2 and "exists and is not empty: choose another folder or pass --overwrite" in err
+    code, err = run_cli(capsys, tiny_pipeline, frames, masks, tmp_path / "out", "--overwrite")
+    assert code == 2 and "never replaced" in err and (tmp_path / "out" / "keep.txt").read_text() == "mine"
     code, err = run_cli(capsys, tiny_pipeline, frames, masks, tmp_path / "out2", "--height", "100", "--width", "128")
     assert code == 2 and "--height 100" in err
 
@@ -359,11 +362,12 @@ def test_outputs_appear_whole_or_not_at_all(tmp_path):
         (tmp / "frames" / "00000.png").write_bytes(b"x")
         raise OSError("disk full")
 
-    with pytest.raises(OSError), atomic_folder(tmp_path / "out", replace=False) as tmp:
+    with pytest.raises(OSError), atomic_folder(tmp_path / "out", "test") as tmp:
         fail_midway(tmp)
     assert list(tmp_path.iterdir()) == []
-    with atomic_folder(tmp_path / "out", replace=False) as tmp:
+    with atomic_folder(tmp_path / "out", "test") as tmp:
         (tmp / "a").write_text("1")
-    with atomic_folder(tmp_path / "out", replace=True) as tmp:
+    with atomic_folder(tmp_path / "out", "test", overwrite=True) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [OUTPUT_RECORD, "b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_tool
+from conftest import REPO, run_tool, snapshot
 from fff_vdi.train.optim import TEMPORAL_PATTERNS
 
 STEP_SECONDS_BUDGET = 600
@@ -226,6 +226,13 @@ def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_p
     assert {"val/psnr_hole", "val/ssim", "train/loss", "train/lr"} <= set(events.Tags()["scalars"])
     # The EMA weights export from the checkpoint, on the CPU, without a process group.
     run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--ema", "--out", str(tmp_path / "ema_pipeline"))
+    again = run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--out", str(tmp_path / "ema_pipeline"), check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # an existing export is replaced only when asked
+    before = snapshot(run)
+    for out in (run, run.parent):  # once exited 0 after deleting the whole run
+        proc = run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--out", str(out), "--overwrite", check=False)
+        assert proc.returncode == 2 and "never replaced" in proc.stderr
+    assert snapshot(run) == before
     from safetensors.torch import load_file
 
     trained = load_file(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -236,15 +236,20 @@ def pipeline_index(components: Components) -> dict:
     }
 
 
-def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+PIPELINE_WRITER = "fff_vdi pipeline export"
+
+
+def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state_dict: dict[str, torch.Tensor] | None = None,
+                  overwrite: bool = False) -> Path:
     """Write the pipeline layout to `out_dir`, atomically: into `OUT.tmp-xxxx`, then renamed.
 
     `unet_state_dict` replaces the UNet's own tensors (e.g. a full state dict gathered from FSDP
-    shards by the trainer); its keys and shapes must be the UNet's. An existing `out_dir` is
-    replaced (moved aside, then deleted once the new folder is in place).
+    shards by the trainer); its keys and shapes must be the UNet's. `out_dir` must be absent or
+    empty; with `overwrite` it may also be a pipeline folder written here before, holding nothing
+    else (utils.atomic.check_output_folder): anything else is refused, never deleted.
     """
     out = Path(out_dir)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, PIPELINE_WRITER, overwrite) as tmp:
         _write_unet(components.unet, tmp / "unet", unet_state_dict)
         components.vae.save_pretrained(str(tmp / "vae"))
         components.image_encoder.save_pretrained(str(tmp / "image_encoder"))
