@@ -8,6 +8,7 @@ name the key, the value and the fix. Library code takes these dataclasses, never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from fff_vdi.errors import ConfigError
@@ -98,6 +99,9 @@ class DataConfig:
     # Videos shorter than the window: "skip", "smaller_step" (largest step that fits, else skip),
     # "reflect_pad" (play back and forth until T frames).
     short_video_policy: str = "smaller_step"
+    # "random": an aspect-preserving random resized crop covering crop_scale of the largest such box;
+    # "none": the whole frame resized to height x width (the published loader; the aspect ratio may change).
+    crop: str = "random"
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # area of the largest crop
     hflip_prob: float = 0.5
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
@@ -109,6 +113,14 @@ class DataConfig:
     hw_decoder_load: float = 1.0  # share of JPEGs sent to the A100/H100 hardware decoder (ignored elsewhere)
     seed: int = 123
     verify_crc: bool = True
+    # A folder from tools/precompute_conditioning.py: the clips' RAFT flows, clean VAE latent
+    # distributions and CLIP embeddings are read from it instead of computed at every step. It serves
+    # only what it can serve exactly: crop=none, hflip_prob=0, no colour jitter, and the resolution,
+    # frame steps, frozen networks and image shards it was made with (checked at start-up).
+    conditioning: Optional[str] = None
+    # Approximations of the online conditioning the cache may make, each asked for by name:
+    # "flows_float16" (flows stored in float16: half the disk; measured error in the README).
+    conditioning_approximate: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +225,25 @@ def register_configs() -> None:
     cs.store(name="fff_vdi_schema", node=RootConfig)
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_experiment(overrides: list[str]) -> ExperimentConfig:
+    """The experiment that `launch/train.py OVERRIDES...` would train, for tools that take the same
+    overrides; a bad override raises ConfigError naming it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return OmegaConf.to_object(compose("config", overrides=list(overrides)).experiment)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError("overrides", " ".join(overrides), str(e).splitlines()[0]) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # validation
 
@@ -238,6 +269,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
     _check(len(d.frame_steps) > 0 and all(int(s) >= 1 for s in d.frame_steps),
            f"{prefix}.frame_steps", list(d.frame_steps), "give a non-empty list of steps >= 1, e.g. [1, 2]")
     _choice(f"{prefix}.short_video_policy", d.short_video_policy, ("skip", "smaller_step", "reflect_pad"))
+    _choice(f"{prefix}.crop", d.crop, ("random", "none"))
     cs = list(d.crop_scale)
     _check(len(cs) == 2 and 0 < cs[0] <= cs[1] <= 1, f"{prefix}.crop_scale", cs,
            "give [min, max] with 0 < min <= max <= 1 (area of the largest aspect-preserving crop)")
@@ -251,6 +283,23 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
     _check(0 < r.min_size <= r.max_size <= 1, f"{prefix}.masks.rect.min_size/max_size", (r.min_size, r.max_size),
            "use 0 < min_size <= max_size <= 1")
     _check(d.num_workers >= 0, f"{prefix}.num_workers", d.num_workers, "use 0 or more")
+    unknown = sorted(set(d.conditioning_approximate) - set(CONDITIONING_APPROXIMATIONS))
+    _check(not unknown, f"{prefix}.conditioning_approximate", list(d.conditioning_approximate),
+           f"use a list of {', '.join(CONDITIONING_APPROXIMATIONS)} (or [] for none)")
+    if d.conditioning is not None:
+        validate_cacheable(d, prefix)
+
+
+CONDITIONING_APPROXIMATIONS = ("flows_float16",)
+
+
+def validate_cacheable(d: DataConfig, prefix: str = "data") -> None:
+    """A precomputed conditioning cache holds each frame as it is without augmentation: refuse what
+    would change the frames (it would silently pair cached flows and latents with other pixels)."""
+    fix = f"the conditioning cache ({prefix}.conditioning) holds whole, unflipped, unjittered frames"
+    _check(d.crop == "none", f"{prefix}.crop", d.crop, f"use 'none' (the whole frame, as published): {fix}")
+    _check(d.hflip_prob == 0, f"{prefix}.hflip_prob", d.hflip_prob, f"use 0: {fix}")
+    _check(not d.color_jitter.enabled, f"{prefix}.color_jitter.enabled", d.color_jitter.enabled, f"use false: {fix}")
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
