@@ -109,22 +109,36 @@ class FrozenConditioner:
 
     @torch.inference_mode()
     def _compute(self, pixels: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> Conditioning:
-        b = pixels.shape[0]
         flows_forward, flows_backward = self.flows(pixels, masks)
         latents = encode_frames(self.vae, pixels, sample=True, scaled=True, generator=gen)
-        cond_sigma = rand_log_normal((b,), self.objective.cond_p_mean, self.objective.cond_p_std, gen, self.device)
-        masked = pixels * (1 - masks)
-        noise = torch.randn(masked.shape, generator=gen, device=self.device, dtype=torch.float32)
-        noisy_masked = masked.float() + cond_sigma.view(b, 1, 1, 1, 1) * noise
-        cond_latents = encode_frames(self.vae, noisy_masked, sample=True, scaled=False, generator=gen)
+        cond_sigma, cond_latents = noise_augmented_condition(self.vae, self.objective, pixels, masks, gen)
         image_embeds = encode_first_frame(self.image_encoder, self.feature_extractor, pixels)
         return Conditioning(latents, cond_latents, cond_sigma, image_embeds, masks, flows_forward, flows_backward)
 
     def __call__(self, pixels: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> Conditioning:
-        out = self._compute(pixels, masks, gen)
-        # Inference-mode tensors cannot enter autograd: hand the UNet ordinary copies.
-        return Conditioning(*(t.clone() for t in (out.latents, out.cond_latents, out.cond_sigma, out.image_embeds,
-                                                   out.masks, out.flows_forward, out.flows_backward)))
+        return for_autograd(self._compute(pixels, masks, gen))
+
+    def condition(self, batch: dict, gen: torch.Generator) -> Conditioning:
+        """The conditioning of a loader batch (the trainer's call; the cached conditioner's twin)."""
+        return self(batch["pixel_values"], batch["mask_values"], gen)
+
+
+def noise_augmented_condition(vae, objective: ObjectiveConfig, pixels: torch.Tensor, masks: torch.Tensor,
+                              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise-augmentation level (B,) and the unscaled latents of the noise-augmented masked clip:
+    the part of the conditioning that depends on the mask. Draws from `gen` after the clean latents."""
+    b = pixels.shape[0]
+    cond_sigma = rand_log_normal((b,), objective.cond_p_mean, objective.cond_p_std, gen, pixels.device)
+    masked = pixels * (1 - masks)
+    noise = torch.randn(masked.shape, generator=gen, device=pixels.device, dtype=torch.float32)
+    noisy_masked = masked.float() + cond_sigma.view(b, 1, 1, 1, 1) * noise
+    return cond_sigma, encode_frames(vae, noisy_masked, sample=True, scaled=False, generator=gen)
+
+
+def for_autograd(out: Conditioning) -> Conditioning:
+    """Inference-mode tensors cannot enter autograd: hand the UNet ordinary copies."""
+    return Conditioning(*(t.clone() for t in (out.latents, out.cond_latents, out.cond_sigma, out.image_embeds,
+                                               out.masks, out.flows_forward, out.flows_backward)))
 
 
 def added_time_ids(objective: ObjectiveConfig, cond_sigma: torch.Tensor) -> torch.Tensor:
