@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from fff_vdi.conditioning.conditioner import CachedConditioner
+from fff_vdi.conditioning.reader import open_training_cache
 from fff_vdi.config import ExperimentConfig, validate
-from fff_vdi.data.loader import ClipLoader
+from fff_vdi.data.loader import ClipLoader, resolve_backend
 from fff_vdi.distributed.env import (
     DistInfo,
     agree_any,
@@ -140,6 +142,8 @@ class Trainer:
         setup_logging(self.run_dir, self.dist.rank)
         set_determinism(t.seed + self.dist.rank, t.deterministic)
         log.info("run %s: %d process(es), device %s, output %s", cfg.name, self.dist.world_size, self.device, self.run_dir)
+        # A precomputed conditioning cache (data.conditioning), checked before the minutes of set-up.
+        self.conditioning_cache = open_training_cache(cfg, resolve_backend(cfg.data.backend, self.device))
 
         components = build_components(cfg, seed=t.seed, device=self.device)
         unet = components.unet
@@ -177,12 +181,16 @@ class Trainer:
         self.ema = (EMA([(n, p) for n, p in self.unet.named_parameters() if p.requires_grad], cfg.optim.ema_decay)
                     if cfg.optim.ema_decay > 0 else None)
 
-        self.conditioner = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters,
-                                             DTYPES[cfg.model.frozen_dtype], self.device)
+        if self.conditioning_cache is not None:  # RAFT, the clean latents and CLIP come from the cache
+            self.conditioner = CachedConditioner.for_training(self.conditioning_cache, components, cfg, self.device)
+        else:
+            self.conditioner = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters,
+                                                 DTYPES[cfg.model.frozen_dtype], self.device)
         if cfg.parallel.compile_frozen:
             self.conditioner.compile()
         self.components = components  # frozen networks (and the export's template)
-        self.loader = ClipLoader(cfg.data, self.dist.rank, self.dist.world_size, self.device)
+        self.loader = ClipLoader(cfg.data, self.dist.rank, self.dist.world_size, self.device,
+                                 conditioning=self.conditioning_cache)
         log.info("data: %d videos in %s (%s backend), %d global batches per epoch", len(self.loader.source),
                  cfg.data.shards, self.loader.backend, self.loader.batches_per_epoch)
 
@@ -219,7 +227,7 @@ class Trainer:
             timings["data"] += time.perf_counter() - tick
             gen = step_generator(t.seed, self.dist.rank, self.step, micro, self.device)
             tick = time.perf_counter()
-            cond = self.conditioner(batch["pixel_values"], batch["mask_values"], gen)
+            cond = self.conditioner.condition(batch, gen)
             timings["conditioning"] += time.perf_counter() - tick
             tick = time.perf_counter()
             last = micro == t.grad_accum - 1

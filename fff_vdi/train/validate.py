@@ -47,7 +47,7 @@ class Validator:
                         cfg.data.shards, split)
         # Fixed clips: the stream's first positions, one clip per batch, no augmentation.
         self.data_cfg = replace(cfg.data, split=split, batch_size=1, num_workers=0, hflip_prob=0.0,
-                                crop_scale=[1.0, 1.0], backend="cpu")
+                                crop_scale=[1.0, 1.0], backend="cpu", conditioning=None)
         self.components = components
         self.conditioner = conditioner
 
