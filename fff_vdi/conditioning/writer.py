@@ -107,13 +107,14 @@ def output_args(cfg: ExperimentConfig, options: PrecomputeOptions, image_manifes
     }
 
 
-def output_state(out: Path, args: dict, resume: bool) -> str:
-    """FRESH, RESUMING or FINISHED; raises InputError / DataError when `out` may not be used as asked."""
+def check_output_folder(out: Path, resume: bool) -> bool:
+    """Whether `out` holds a run of this tool; raises InputError when it may not be used as asked
+    (checked before the networks are built, so a wrong folder is refused at once)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; pick a folder")
     names = sorted(p.name for p in out.iterdir() if ".tmp-" not in p.name) if out.is_dir() else []
     if not names:
-        return FRESH
+        return False
     foreign = [n for n in names if n not in (MANIFEST_NAME, RUN_NAME) and not UNIT_FILE.fullmatch(n)]
     if foreign:
         raise InputError(f"--out {out} holds files this tool did not write ({', '.join(foreign[:5])}); pick an empty folder")
@@ -124,6 +125,14 @@ def output_state(out: Path, args: dict, resume: bool) -> str:
             "an unfinished cache; pass --resume to finish it, or pick an empty folder"))
     if not finished and RUN_NAME not in names:
         raise InputError(f"--out {out} holds units but no {RUN_NAME}, so it cannot be resumed; pick an empty folder")
+    return True
+
+
+def output_state(out: Path, args: dict, resume: bool) -> str:
+    """FRESH, RESUMING or FINISHED; raises InputError / DataError when `out` may not be used as asked."""
+    if not check_output_folder(out, resume):
+        return FRESH
+    finished = (out / MANIFEST_NAME).is_file()
     recorded = load_manifest(out)["args"] if finished else read_json(out / RUN_NAME, "the run's arguments")["args"]
     if recorded.get("image_shards") != args["image_shards"]:
         raise DataError(f"--resume: the image shards changed since {out} was started "
@@ -274,6 +283,7 @@ def run_precompute(cfg: ExperimentConfig, options: PrecomputeOptions, dist: Dist
     options.validate()
     validate_data(cfg.data, "experiment.data")
     out, device = options.out, dist.device
+    check_output_folder(out, options.resume)
     shards = ShardSet.open(cfg.data.shards, cfg.data.split, verify_crc=cfg.data.verify_crc)
     image_manifest = load_image_manifest(Path(cfg.data.shards))
     backend = resolve_backend(cfg.data.backend, device)
