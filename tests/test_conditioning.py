@@ -230,7 +230,7 @@ def test_training_with_the_cache_matches_online_and_resumes_exactly(tiny_pipelin
                                                              "experiment.model.raft_iters": 3}),
     ])
     assert resumed.returncode == 0, resumed.stdout[-6000:]
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "conditioning from the cache" in resumed.stdout
     expected, got = losses(online), losses(cached)
     assert sorted(got) == sorted(expected) == [1, 2, 3]
     for step in expected:

@@ -10,6 +10,8 @@ each clip's first frame is used as is. RAFT and the CLIP encoder are not run (no
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fff_vdi.conditioning.compute import network_fingerprints
@@ -18,6 +20,8 @@ from fff_vdi.config import ExperimentConfig
 from fff_vdi.models.components import Components
 from fff_vdi.models.encoders import latents_from_moments
 from fff_vdi.train.objective import DTYPES, Conditioning, for_autograd, noise_augmented_condition
+
+log = logging.getLogger(__name__)
 
 
 class CachedConditioner:
@@ -37,6 +41,8 @@ class CachedConditioner:
         raft = ("experiment.model.raft", m.raft) if m.raft and not m.random_init else weights
         cache.check_networks(network_fingerprints(components, DTYPES[m.frozen_dtype]),
                              {"vae_encoder": weights, "image_encoder": weights, "clip_preprocessing": weights, "raft": raft})
+        log.info("conditioning from the cache %s: RAFT flows, clean latent distributions, CLIP embeddings",
+                 cache.root)
         return cls(components, cfg, device)
 
     def compile(self, **compile_kwargs) -> None:
