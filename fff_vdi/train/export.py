@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,14 +43,16 @@ def export_pipeline(cfg: ExperimentConfig, checkpoint: Path, out_dir: Path, use_
     state = dict(unet.state_dict())
     # Checkpoints hold the updated parameters only (all of them with trainer.trainable=all).
     trained = set(updated_parameter_names(unet, cfg.trainer.trainable, cfg.parallel.fast_paths))
-    if use_ema:
-        ema = {k: torch.empty_like(v, dtype=torch.float32) for k, v in state.items() if k in trained}
-        dcp.load({"ema": ema}, checkpoint_id=str(checkpoint), no_dist=True)
-        state.update(ema)
-    else:
-        wrapped = {"app": {"model": {k: v for k, v in state.items() if k in trained}}}
-        dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
-        state.update(wrapped["app"]["model"])
+    with warnings.catch_warnings():  # one process reads the full tensors: what no_dist says (and DCP warns of)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        if use_ema:
+            ema = {k: torch.empty_like(v, dtype=torch.float32) for k, v in state.items() if k in trained}
+            dcp.load({"ema": ema}, checkpoint_id=str(checkpoint), no_dist=True)
+            state.update(ema)
+        else:
+            wrapped = {"app": {"model": {k: v for k, v in state.items() if k in trained}}}
+            dcp.load(wrapped, checkpoint_id=str(checkpoint), no_dist=True)
+            state.update(wrapped["app"]["model"])
     save_pipeline(components, out_dir, unet_state_dict={k: v.float() for k, v in state.items()}, overwrite=overwrite)
     log.info("exported %s%s to %s", checkpoint, " (EMA)" if use_ema else "", out_dir)
 
