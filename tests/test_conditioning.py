@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from conftest import REPO, snapshot
-from fff_vdi.conditioning.conditioner import CachedConditioner
 from fff_vdi.conditioning.reader import ConditioningCache, open_training_cache
 from fff_vdi.conditioning.verify import verify_cache
 from fff_vdi.conditioning.writer import PrecomputeOptions, run_precompute
@@ -34,7 +33,7 @@ from fff_vdi.data.synthetic import write_synthetic_videos
 from fff_vdi.distributed.env import DistInfo
 from fff_vdi.errors import ConfigError, DataError
 from fff_vdi.models.components import build_random_components, load_components
-from fff_vdi.train.objective import FrozenConditioner, edm_loss, step_generator
+from fff_vdi.train.objective import CLEAN_FEATURES, FrozenConditioner, edm_loss, step_generator
 from test_train import launch_together, losses
 
 TOOL = REPO / "tools" / "precompute_conditioning.py"
@@ -177,27 +176,30 @@ def test_refusals_name_the_key(tiny_pipeline, image_shards, reference, tmp_path)
     cfg = compose_experiment(experiment(tiny_pipeline, image_shards, **{"experiment.data.conditioning": reference}))
     cache = open_training_cache(cfg, "cpu")
     with pytest.raises(ConfigError, match="experiment.model.pretrained.*vae_encoder weights"):
-        CachedConditioner.for_training(cache, build_random_components("tiny", seed=1), cfg, torch.device("cpu"))
+        cache.check_networks(build_random_components("tiny", seed=1), cfg)
+    assert refused(**{"experiment.model.flow_scale": 0.5}) == "experiment.model.flow_scale"
 
 
 def test_cached_conditioning_equals_the_online_one(tiny_pipeline, image_shards, reference):
-    """Batch by batch, the same tensors as FrozenConditioner for the same generator: the clean latents
-    exactly (the same draws from the same posterior parameters), hence every later draw too."""
+    """Batch by batch, the conditioner gives the same tensors from the cache's features as online, for
+    the same generator: the clean latents exactly (the same draws from the same posterior parameters),
+    hence every later draw too."""
     cfg = validate(compose_experiment(experiment(tiny_pipeline, image_shards, **{
         "experiment.data.conditioning": reference, "experiment.data.batch_size": 2})))
     cpu = torch.device("cpu")
     cache = open_training_cache(cfg, "cpu")
     components = load_components(str(tiny_pipeline))
-    cached = CachedConditioner.for_training(cache, components, cfg, cpu)
-    online = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters, torch.float32, cpu)
+    cache.check_networks(components, cfg)
+    conditioner = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters, torch.float32, cpu)
     with_cache, without = ClipLoader(cfg.data, conditioning=cache), ClipLoader(replace(cfg.data, conditioning=None))
     reflected = 0
     for step in range(3):
         a, b = next(with_cache), next(without)
         assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert CLEAN_FEATURES in a and CLEAN_FEATURES not in b
         reflected += sum(idx[2] < idx[1] for idx in a["frame_indices"].tolist())
-        x = cached.condition(a, step_generator(7, 0, step, 0, cpu))
-        y = online.condition(b, step_generator(7, 0, step, 0, cpu))
+        x = conditioner(a, step_generator(7, 0, step, 0, cpu))
+        y = conditioner(b, step_generator(7, 0, step, 0, cpu))
         for name in ("latents", "cond_latents", "cond_sigma"):
             assert torch.equal(getattr(x, name), getattr(y, name)), name
         for name in ("image_embeds", "flows_forward", "flows_backward"):
@@ -210,7 +212,7 @@ def test_cached_conditioning_equals_the_online_one(tiny_pipeline, image_shards, 
 
 def test_training_with_the_cache_matches_online_and_resumes_exactly(tiny_pipeline, image_shards, reference, tmp_path):
     """launch/train.py with and without the cache, same seeds: per-step losses within float tolerance;
-    the cached run stopped after step 2 and resumed gives step 3 as the uninterrupted online run. And a
+    the cached run ended at step 2 and resumed to step 3 gives step 3 as the uninterrupted online run. And a
     setting the cache cannot serve stops the run at start-up with one line naming the key."""
     common = {"experiment.trainer.max_steps": 3, "experiment.trainer.checkpoint_every": 1,
               "experiment.trainer.validate_every": 0, "experiment.trainer.export_at_end": "false",
@@ -220,7 +222,7 @@ def test_training_with_the_cache_matches_online_and_resumes_exactly(tiny_pipelin
         experiment(tiny_pipeline, image_shards, **common, **{"experiment.output_dir": online}),
         experiment(tiny_pipeline, image_shards, **common, **{"experiment.output_dir": cached,
                                                              "experiment.data.conditioning": reference,
-                                                             "experiment.trainer.stop_after_steps": 2}),
+                                                             "experiment.trainer.max_steps": 2}),
     ])
     resumed, bad = trainers_together([
         experiment(tiny_pipeline, image_shards, **common, **{"experiment.output_dir": cached,

@@ -11,5 +11,5 @@ of at every step.
     writer.py       the tool's run: work units over ranks, atomic writes, resume, manifest
     verify.py       --verify
     reader.py       training: start-up checks, per-clip records in the reader processes, batched tensors
-    conditioner.py  training: the step's conditioning from the cache plus what depends on the mask
+                    delivered with the batch as the clips' CleanClipFeatures (train/objective.py)
 """

@@ -2,8 +2,13 @@
 
     cache = ConditioningCache.open(cfg.data.conditioning)
     cache.check_serves(cfg, backend)           # one-line ConfigError naming the key it cannot serve
-    records = cache.clip_records(video, plan)  # in the loader's reader processes: three uint8 arrays
-    cached = cache.assemble(batched, device)   # in the training process: views of whole batches
+    cache.check_networks(components, cfg)      # the frozen networks' weights, once built
+    records = cache.clip_records(...)          # in the loader's reader processes: three uint8 arrays
+    batch.update(cache.assemble(batched, device))  # in the training process: views of whole batches
+
+The batch then carries the clips' CleanClipFeatures (train/objective.py), and the step's conditioner
+runs no RAFT, no clean-clip VAE encode and no CLIP: only flow completion in the holes, the masked
+clip's noise-augmented encode, and the UNet.
 
 The reader processes (DALI's parallel external source, DataLoader workers) read each clip's records
 with one `preadv` per record straight into the arrays they hand over (crc32 checked there, off the
@@ -13,6 +18,7 @@ records' dtypes and shapes (`Tensor.view`), on the GPU for the DALI backend: not
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -37,6 +43,10 @@ from fff_vdi.conditioning.format import (
 from fff_vdi.data.plan import steps_in_use
 from fff_vdi.data.shards import load_manifest as load_image_manifest
 from fff_vdi.errors import ConfigError, DataError
+from fff_vdi.models.components import Components
+from fff_vdi.train.objective import CLEAN_FEATURES, DTYPES, CleanClipFeatures
+
+log = logging.getLogger(__name__)
 
 KINDS = ("moments", "embeds", "flows")
 
@@ -50,16 +60,6 @@ class CachedVideo:
     moments: np.ndarray  # (num_frames, 3) int64
     embeds: np.ndarray
     flows: dict[int, np.ndarray]  # frame step -> (num_frames - step, 3)
-
-
-@dataclass
-class CachedFrames:
-    """The mask-independent conditioning of a batch, read from the cache."""
-
-    moments: torch.Tensor  # (B, T, 8, h, w) VAE posterior parameters, in the frozen networks' dtype
-    image_embeds: torch.Tensor  # (B, 1, D) CLIP embedding of each clip's first frame
-    flows_forward: torch.Tensor  # (B, T-1, 2, H, W) RAFT flows t -> t+1, before completion
-    flows_backward: torch.Tensor  # (B, T-1, 2, H, W) t+1 -> t
 
 
 def open_training_cache(cfg: ExperimentConfig, backend: str) -> "ConditioningCache | None":
@@ -109,6 +109,7 @@ class ConditioningCache:
         for key, ours, theirs in (("data.split", d.split, a["split"]), ("data.height", d.height, a["height"]),
                                   ("data.width", d.width, a["width"]), ("data.backend", backend, a["decode_backend"]),
                                   ("model.raft_iters", m.raft_iters, a["raft_iters"]),
+                                  ("model.flow_scale", m.flow_scale, 1.0),  # RAFT on the whole frames
                                   ("model.frozen_dtype", m.frozen_dtype, a["frozen_dtype"])):
             if ours != theirs:
                 raise ConfigError(f"experiment.{key}", ours, f"{where} was made with {theirs!r}: {rebuild}")
@@ -133,16 +134,23 @@ class ConditioningCache:
                                   f"{d.short_video_policy}, which the conditioning cache {self.root} holds no flows "
                                   f"for (it has {sorted(video.flows)}): build a cache for these settings with {TOOL}")
 
-    def check_networks(self, fingerprints: dict[str, str], sources: dict[str, tuple[str, object]]) -> None:
-        """Raise ConfigError unless the frozen networks' weights are those the cache was made with;
-        `sources[name]` is the config key and value they came from."""
-        for name, digest in fingerprints.items():
+    def check_networks(self, components: Components, cfg: ExperimentConfig) -> None:
+        """Raise ConfigError, naming the key the weights came from, unless the frozen networks' weights
+        are those the cache was made with."""
+        from fff_vdi.conditioning.compute import network_fingerprints
+
+        m = cfg.model
+        weights = ("experiment.model.random_init", m.random_init) if m.random_init else ("experiment.model.pretrained", m.pretrained)
+        sources = {"vae_encoder": weights, "image_encoder": weights, "clip_preprocessing": weights,
+                   "raft": ("experiment.model.raft", m.raft) if m.raft and not m.random_init else weights}
+        for name, digest in network_fingerprints(components, DTYPES[m.frozen_dtype]).items():
             recorded = self.args["networks"].get(name)
             if recorded != digest:
                 key, value = sources[name]
                 raise ConfigError(key, value, f"its {name} weights (sha256 {digest[:12]}...) are not those the "
                                               f"conditioning cache {self.root} was made with ({str(recorded)[:12]}...): "
                                               f"use those weights or build a cache with these ({TOOL})")
+        log.info("conditioning from the cache %s: RAFT flows, clean latent distributions, CLIP embeddings", self.root)
 
     # -- in the reader processes -----------------------------------------------------------------
 
@@ -213,14 +221,14 @@ class ConditioningCache:
 
     # -- in the training process -----------------------------------------------------------------
 
-    def assemble(self, batched: list[torch.Tensor], device: torch.device) -> CachedFrames:
-        """Tensors of a batch from its records: `batched` holds the three kinds of `clip_records`
-        stacked over the batch, (B, bytes) uint8 each. One view per kind (a copy to `device` first
-        when the bytes arrive on the host)."""
+    def assemble(self, batched: list[torch.Tensor], device: torch.device) -> dict:
+        """The batch entry of the clean clips' features (objective.CLEAN_FEATURES) from their records:
+        `batched` holds the three kinds of `clip_records` stacked over the batch, (B, bytes) uint8 each.
+        One view per kind (a copy to `device` first when the bytes arrive on the host)."""
         moments, embeds, flows = (x.to(device, non_blocking=True).contiguous() for x in batched)
         b = moments.shape[0]
         s = self.shapes
         moments = moments.view(s.frozen_dtype).view(b, -1, *s.moments)
         embeds = embeds.view(s.frozen_dtype).view(b, 1, s.embed_dim)
         flows = flows.view(s.flow_dtype).view(b, -1, *s.flows).float()
-        return CachedFrames(moments, embeds, flows[:, :, 0], flows[:, :, 1])
+        return {CLEAN_FEATURES: CleanClipFeatures(flows[:, :, 0], flows[:, :, 1], moments, embeds)}

@@ -55,6 +55,7 @@ from fff_vdi.data.spool import Spool
 from fff_vdi.data.tarpack import Member, TarShardWriter, pack_members
 from fff_vdi.distributed.env import DistInfo, barrier
 from fff_vdi.errors import DataError, InputError
+from fff_vdi.models.components import build_components
 from fff_vdi.train.objective import DTYPES, FrozenConditioner
 from fff_vdi.utils.atomic import atomic_open, atomic_write_json, remove_temp_files
 
@@ -278,7 +279,7 @@ class PrecomputeSummary:
 def run_precompute(cfg: ExperimentConfig, options: PrecomputeOptions, dist: DistInfo) -> PrecomputeSummary:
     """Build (or, with options.resume, finish) the cache of `cfg`'s image shards in options.out: this
     rank's units, then, on rank 0 once every rank is done, the manifest."""
-    from fff_vdi.train.trainer import build_components, set_determinism
+    from fff_vdi.train.trainer import set_determinism
 
     options.validate()
     validate_data(cfg.data, "experiment.data")
@@ -288,7 +289,7 @@ def run_precompute(cfg: ExperimentConfig, options: PrecomputeOptions, dist: Dist
     image_manifest = load_image_manifest(Path(cfg.data.shards))
     backend = resolve_backend(cfg.data.backend, device)
     set_determinism(cfg.trainer.seed, deterministic=True)  # the same bytes on every run, and on resume
-    components = build_components(cfg, seed=cfg.trainer.seed, device=device)
+    components = build_components(cfg.model, seed=cfg.trainer.seed, device=device)
     dtype = DTYPES[cfg.model.frozen_dtype]
     networks = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters, dtype, device)
     args = output_args(cfg, options, image_manifest, backend, network_fingerprints(components, dtype),

@@ -60,7 +60,7 @@ class ClipLoader:
         self.device = torch.device(device)
         self.backend = resolve_backend(backend or cfg.backend, self.device)
         self.shards = ShardSet.open(cfg.shards, split or cfg.split, verify_crc=cfg.verify_crc)
-        # A conditioning cache (fff_vdi.conditioning.reader): each batch then also holds "conditioning".
+        # A conditioning cache (fff_vdi.conditioning.reader): each batch then also holds its clips' features.
         self.source = ClipSource(self.shards, cfg, conditioning)
         self._start = 0
         self._consumed = 0
@@ -145,8 +145,8 @@ class ClipLoader:
             "mask_kinds": [p.mask.kind for p in plans],
             "flips": torch.tensor([p.flip for p in plans]),
         }
-        if "cached" in raw:
-            batch["conditioning"] = self.source.conditioning.assemble(raw["cached"], device)
+        if "cached" in raw:  # the clean clips' features, precomputed (objective.CLEAN_FEATURES)
+            batch.update(self.source.conditioning.assemble(raw["cached"], device))
         return batch
 
     def close(self) -> None:
