@@ -16,13 +16,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fff_vdi.data import sharding  # noqa: E402
+import fff_vdi.sharder  # noqa: E402
 from fff_vdi.errors import DataError, InputError  # noqa: E402
+from fff_vdi.sharder.options import ShardOptions, default_workers, parse_size, usable_cores  # noqa: E402
+from fff_vdi.sharder.run import run_sharding  # noqa: E402
+from fff_vdi.sharder.verify import verify_shards  # noqa: E402
+
+POLICY = fff_vdi.sharder.__doc__.split("\n\n", 1)[1].partition("\n\nModules,")[0]  # the package's map stays out of --help
 
 
 def _size(text: str) -> int:
     try:
-        return sharding.parse_size(text)
+        return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -30,16 +35,16 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tools/shard_ytvos.py",
-        description=__doc__.split("\n\n")[0] + "\n\n" + sharding.__doc__.split("\n\n", 1)[1],
+        description=__doc__.split("\n\n")[0] + "\n\n" + POLICY,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, help="dataset root holding JPEGImages/ (and Annotations/ or Masks/), "
                                                  "or the JPEGImages/ folder itself")
     parser.add_argument("--out", type=Path, help="output folder (empty or new; or an earlier run's with --resume)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes that read and decode videos (default: one fewer than the usable cores from 8 "
-                             f"cores up, else every core: {sharding.default_workers()} here; --verify: every core); "
+                             f"cores up, else every core: {default_workers()} here; --verify: every core); "
                              "the output does not depend on it")
-    parser.add_argument("--shard-size", type=_size, default=sharding.parse_size("1GB"), metavar="SIZE",
+    parser.add_argument("--shard-size", type=_size, default=parse_size("1GB"), metavar="SIZE",
                         help="fill each tar up to this size: 1GB (10^9 bytes), 500MB, 64MiB (2^20) or bytes; a video "
                              "larger than SIZE gets a shard of its own (default 1GB)")
     parser.add_argument("--min-frames", type=int, default=1, metavar="N",
@@ -64,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify is not None:
             if args.src is not None or args.out is not None:
                 parser.error("--verify DIR checks a finished folder; give it without --src and --out")
-            return verify(args.verify, sharding.usable_cores() if args.workers is None else args.workers)
+            return verify(args.verify, usable_cores() if args.workers is None else args.workers)
         if args.src is None or args.out is None:
             parser.error("--src and --out are required (or --verify DIR): --src is the dataset root holding "
                          "JPEGImages/ or the JPEGImages/ folder, --out an empty or new folder")
-        sharding.run_sharding(sharding.ShardOptions(
-            src=args.src, out=args.out, workers=sharding.default_workers() if args.workers is None else args.workers,
+        run_sharding(ShardOptions(
+            src=args.src, out=args.out, workers=default_workers() if args.workers is None else args.workers,
             shard_size=args.shard_size,
             min_frames=args.min_frames, max_side=args.max_side, val_fraction=args.val_fraction,
             with_annotations=args.with_annotations, resume=args.resume))
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def verify(folder: Path, workers: int) -> int:
-    check = sharding.verify_shards(folder, workers)
+    check = verify_shards(folder, workers)
     for problem in check.problems:
         print(problem)
     if check.problems:

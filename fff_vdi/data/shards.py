@@ -1,6 +1,6 @@
 """The shard format, and random access to frames by byte offset.
 
-A shard folder (written by `tools/shard_ytvos.py`, see `fff_vdi.data.sharding`) holds:
+A shard folder (written by `tools/shard_ytvos.py`, see `fff_vdi.sharder`) holds:
 
     manifest.json                  written last: its presence means the folder is complete
     report.json                    every skipped video or frame, repair and note, with its reason
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ REPORT_NAME = "report.json"
 MANIFEST_FORMAT = "fff-vdi-shards"
 INDEX_FORMAT = "fff-vdi-shard-index"
 FORMAT_VERSION = 1
+SHARD_FILE = re.compile(r"(?P<split>train|val)-(?P<number>\d{6})\.(?P<ext>tar|index\.json)")  # shard_name, index_name
 RESHARD_HINT = "run tools/shard_ytvos.py --verify on the folder, or re-shard it with tools/shard_ytvos.py"
 
 Member = tuple[int, int, int]  # (offset of the data in the tar, size, zlib.crc32)
