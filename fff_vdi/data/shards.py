@@ -88,6 +88,28 @@ class VideoEntry:
     json: Member
 
 
+class DamagedMember(DataError):
+    """From read_member: a member's bytes differ from its index entry. The message reads on from the
+    member's name ("member x.f00001.jpg is cut short (...)"); `detail` alone is --verify's line."""
+
+    def __init__(self, summary: str, detail: str):
+        super().__init__(f"{summary} ({detail})")
+        self.detail = detail
+
+
+def read_member(fd: int, member: Member, check_crc: bool = True) -> bytes:
+    """One member's bytes by offset, checked against its index entry: the length always, the crc32
+    unless `check_crc` is False. The one read of the reader and of --verify; raises DamagedMember."""
+    offset, size, crc = member
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise DamagedMember("is cut short", f"{len(data)} of {size} bytes at offset {offset} before the file ends")
+    if check_crc and (actual := zlib.crc32(data)) != crc:
+        raise DamagedMember("fails its crc32 check",
+                            f"crc32 {actual:08x} at offset {offset} differs from the index's {crc:08x}")
+    return data
+
+
 class ShardSet:
     """The videos of one split of a finished shard folder, read by byte offset.
 
@@ -153,15 +175,10 @@ class ShardSet:
         return fd
 
     def _read(self, shard: str, member: Member, name: str) -> bytes:
-        offset, size, crc = member
-        data = os.pread(self._fd(shard), size, offset)
-        if len(data) != size:
-            raise DataError(f"{self.root / shard}: member {name} is cut short ({len(data)} of {size} bytes at "
-                            f"offset {offset}); {RESHARD_HINT}")
-        if self.verify_crc and zlib.crc32(data) != crc:
-            raise DataError(f"{self.root / shard}: member {name} fails its crc32 check (offset {offset}, "
-                            f"{size} bytes); {RESHARD_HINT}")
-        return data
+        try:
+            return read_member(self._fd(shard), member, self.verify_crc)
+        except DamagedMember as e:
+            raise DataError(f"{self.root / shard}: member {name} {e}; {RESHARD_HINT}") from None
 
 
 def load_manifest(root: Path) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 from fff_vdi.errors import InputError
 from fff_vdi.sharder.options import ShardOptions
 from fff_vdi.sharder.records import MASK, NOTE, SCAN, SKIPPED_VIDEO, record
+from fff_vdi.utils.paths import natural_key
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg")
 ANNOTATION_FOLDERS = ("Annotations", "Masks")
@@ -91,12 +92,6 @@ def _is_frame_file(entry: os.DirEntry) -> bool:
 
 def _frame_files(folder: Path) -> list[str]:
     return [e.name for e in _scandir(folder) if _is_frame_file(e)]
-
-
-def natural_key(name: str) -> tuple:
-    """Sort '2.jpg' before '10.jpg': digit runs compare as numbers."""
-    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
-
 
 
 def numbering_note(frame_names: list[str]) -> str | None:

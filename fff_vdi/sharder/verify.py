@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tarfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
-from fff_vdi.data.shards import MANIFEST_NAME, SHARD_FILE, frame_member_name, load_index, load_manifest, \
-    mask_member_name, meta_member_name
+from fff_vdi.data.shards import MANIFEST_NAME, SHARD_FILE, DamagedMember, frame_member_name, load_index, \
+    load_manifest, mask_member_name, meta_member_name, read_member
 from fff_vdi.errors import DataError, InputError
 from fff_vdi.sharder.frames import BadFile, decode_jpeg, decode_png
 from fff_vdi.sharder.manifest import sha256_file
@@ -119,15 +117,11 @@ def _check_sample(fd: int, sample: dict, with_annotations: bool, check: ShardChe
     key, size = sample["key"], (sample["width"], sample["height"])
 
     def read(name: str, member: list[int]) -> bytes | None:
-        offset, length, crc = member
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            problem(f"cut short: {len(data)} of {length} bytes at offset {offset}", name)
-        elif zlib.crc32(data) != crc:
-            problem(f"crc32 {zlib.crc32(data):08x} differs from the index's {crc:08x}", name)
-        else:
-            return data
-        return None
+        try:
+            return read_member(fd, member)
+        except DamagedMember as e:
+            problem(e.detail, name)
+            return None
 
     check.videos += 1
     meta_data = read(meta_member_name(key), sample["json"])
