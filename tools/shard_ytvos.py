@@ -6,8 +6,9 @@
     python tools/shard_ytvos.py --verify DIR
 
 Exit status: 0 when the run finished (skips are listed, not fatal) or --verify found no problem;
-1 when --verify found problems, an output file is unreadable or a worker process died (then
---resume continues); 2 for a bad argument, an unusable source or an output folder that may not be used.
+1 when --verify found problems, an output file is unreadable or cannot be written (a full disk), or a
+worker process died (then --resume continues); 2 for a bad argument, an unusable source, or an output
+folder that may not be used (not empty, not ours, or where no file can be made).
 """
 
 import argparse
@@ -21,6 +22,7 @@ from fff_vdi.errors import DataError, InputError  # noqa: E402
 from fff_vdi.sharder.options import ShardOptions, default_workers, parse_size, usable_cores  # noqa: E402
 from fff_vdi.sharder.run import run_sharding  # noqa: E402
 from fff_vdi.sharder.verify import verify_shards  # noqa: E402
+from fff_vdi.utils.paths import os_error_text  # noqa: E402
 
 POLICY = fff_vdi.sharder.__doc__.split("\n\n", 1)[1].partition("\n\nModules,")[0]  # the package's map stays out of --help
 
@@ -84,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # what the checks up front cannot foresee: a full disk, a failing drive
+        if args.verify is not None:
+            print(f"error: {os_error_text(e, args.verify)}; check that the folder and its files can be read",
+                  file=sys.stderr)
+        else:
+            print(f"error: {os_error_text(e, args.out)}; fix that (free space, permissions), then rerun with "
+                  "--resume: finished shards are kept", file=sys.stderr)
         return 1
 
 

@@ -44,6 +44,7 @@ from fff_vdi.errors import DataError
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 MANIFEST_FORMAT = "fff-vdi-shards"
+REPORT_FORMAT = "fff-vdi-shard-report"
 INDEX_FORMAT = "fff-vdi-shard-index"
 FORMAT_VERSION = 1
 SHARD_FILE = re.compile(r"(?P<split>train|val)-(?P<number>\d{6})\.(?P<ext>tar|index\.json)")  # shard_name, index_name
@@ -101,7 +102,10 @@ def read_member(fd: int, member: Member, check_crc: bool = True) -> bytes:
     """One member's bytes by offset, checked against its index entry: the length always, the crc32
     unless `check_crc` is False. The one read of the reader and of --verify; raises DamagedMember."""
     offset, size, crc = member
-    data = os.pread(fd, size, offset)
+    try:
+        data = os.pread(fd, size, offset)
+    except OSError as e:
+        raise DamagedMember("cannot be read", f"{e.strerror} at offset {offset}") from None
     if len(data) != size:
         raise DamagedMember("is cut short", f"{len(data)} of {size} bytes at offset {offset} before the file ends")
     if check_crc and (actual := zlib.crc32(data)) != crc:
@@ -171,7 +175,10 @@ class ShardSet:
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
-            fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+            try:
+                fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"{self.root / shard}: cannot be opened ({e.strerror}); {RESHARD_HINT}") from None
         return fd
 
     def _read(self, shard: str, member: Member, name: str) -> bytes:
@@ -185,9 +192,8 @@ def load_manifest(root: Path) -> dict:
     path = root / MANIFEST_NAME
     try:
         manifest = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{root}: not a finished shard folder (no {MANIFEST_NAME}); "
-                        "run tools/shard_ytvos.py --resume to finish it") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(_not_a_shard_folder(root)) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot be read as JSON ({e}); re-shard with tools/shard_ytvos.py") from e
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION:
@@ -195,6 +201,29 @@ def load_manifest(root: Path) -> dict:
                         f"{MANIFEST_FORMAT!r} version {FORMAT_VERSION}; re-shard with this version of "
                         "tools/shard_ytvos.py")
     return manifest
+
+
+def _not_a_shard_folder(root: Path) -> str:
+    """What `root` is instead of a finished shard folder, and what to do; --resume only where a
+    sharding run was started (its journal, report.json, is there)."""
+    if not os.path.exists(root):
+        return (f"{root}: no such folder (a shard folder holds {MANIFEST_NAME}); check the path, or write shards "
+                f"there with tools/shard_ytvos.py --src DATASET --out {root}")
+    if not root.is_dir():
+        return f"{root}: a file, not a shard folder; give the folder that tools/shard_ytvos.py wrote ({MANIFEST_NAME})"
+    unfinished = f"{root}: not a finished shard folder (no {MANIFEST_NAME})"
+    if _is_journal(root / REPORT_NAME):
+        return (f"{unfinished}: it holds an interrupted sharding run; finish it with tools/shard_ytvos.py --resume "
+                f"and the --src and arguments it was started with (its {REPORT_NAME} records them)")
+    return (f"{unfinished}, and no sharding run was started there (no {REPORT_NAME}); write shards there with "
+            f"tools/shard_ytvos.py --src DATASET --out {root}, or give the folder that tool wrote")
+
+
+def _is_journal(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text("utf-8")).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_index(root: Path, shard: dict) -> dict:

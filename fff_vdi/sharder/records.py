@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import fff_vdi
-from fff_vdi.data.shards import FORMAT_VERSION, REPORT_NAME
+from fff_vdi.data.shards import FORMAT_VERSION, REPORT_FORMAT, REPORT_NAME
 from fff_vdi.sharder.options import TOOL
 from fff_vdi.utils.atomic import atomic_write_json
-
-REPORT_FORMAT = "fff-vdi-shard-report"
 
 # Kinds of report records: a "mask" record means frames without a usable mask, a "note" changes nothing.
 SKIPPED_VIDEO, SKIPPED_FRAME, REPAIRED_FRAME, DOWNSCALED_VIDEO, MASK, NOTE = (

@@ -13,6 +13,7 @@ from fff_vdi.sharder.options import ShardOptions
 from fff_vdi.sharder.records import DECODE
 from fff_vdi.sharder.scan import Scan, VideoTask
 from fff_vdi.utils.atomic import is_temp_name
+from fff_vdi.utils.paths import unwritable_reason
 
 FRESH, RESUMING, FINISHED = "fresh", "resuming", "finished"
 
@@ -22,6 +23,9 @@ def output_state(options: ShardOptions) -> str:
     out = options.out
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; pick a folder")
+    problem = unwritable_reason(out)
+    if problem:
+        raise InputError(f"--out {out}: {problem}; pick a folder you can write")
     names = sorted(p.name for p in out.iterdir() if not is_temp_name(p)) if out.is_dir() else []
     if not names:
         return FRESH

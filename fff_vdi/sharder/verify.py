@@ -70,8 +70,12 @@ def verify_shard(job: tuple[str, dict, bool]) -> ShardCheck:
             return check
         if size is not None and path.stat().st_size != size:
             problem(f"{path.stat().st_size} bytes, {MANIFEST_NAME} says {size}", path=path)
-        if sha256_file(path) != digest:
-            problem(f"sha256 differs from {MANIFEST_NAME}'s", path=path)
+        try:
+            if sha256_file(path) != digest:
+                problem(f"sha256 differs from {MANIFEST_NAME}'s", path=path)
+        except OSError as e:
+            problem(f"cannot be read ({e.strerror})", path=path)
+            return check
     try:
         index = load_index(root, shard)
     except DataError as e:
