@@ -4,11 +4,14 @@
     python tools/shard_ytvos.py --src ROOT --out DIR [--workers N] [--shard-size 1GB] [--min-frames N]
                                 [--max-side PX] [--val-fraction F] [--with-annotations] [--resume]
     python tools/shard_ytvos.py --verify DIR
+    python tools/shard_ytvos.py --repair DIR [--src ROOT] [--workers N]
 
-Exit status: 0 when the run finished (skips are listed, not fatal) or --verify found no problem;
+Exit status: 0 when the run finished (skips are listed, not fatal), --verify found no problem or
+--repair rewrote every damaged shard (or found none);
 1 when --verify found problems, an output file is unreadable or cannot be written (a full disk), or a
 worker process died (then --resume continues); 2 for a bad argument, an unusable source, or an output
-folder that may not be used (not empty, not ours, or where no file can be made).
+folder that may not be used (not empty, not ours, or where no file can be made), or a source that
+no longer gives the bytes --repair must rewrite.
 """
 
 import argparse
@@ -20,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import fff_vdi.sharder  # noqa: E402
 from fff_vdi.errors import DataError, InputError  # noqa: E402
 from fff_vdi.sharder.options import ShardOptions, default_workers, parse_size, usable_cores  # noqa: E402
+from fff_vdi.sharder.repair import repair_shards  # noqa: E402
 from fff_vdi.sharder.run import run_sharding  # noqa: E402
 from fff_vdi.sharder.verify import verify_shards  # noqa: E402
 from fff_vdi.utils.paths import os_error_text  # noqa: E402
 
-POLICY = fff_vdi.sharder.__doc__.split("\n\n", 1)[1].partition("\n\nModules,")[0]  # the package's map stays out of --help
+SHAPING_FLAGS = ("shard_size", "min_frames", "max_side", "val_fraction", "with_annotations", "resume")
+POLICY = fff_vdi.sharder.__doc__.split("\n\n", 1)[1].partition("\n\nModules,")[0]  # the module map stays out of --help
 
 
 def _size(text: str) -> int:
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="finish an interrupted run in --out (same arguments); a finished one is left as is")
     parser.add_argument("--verify", type=Path, metavar="DIR",
                         help="re-hash and decode every shard, frame and mask of DIR; exit 1 on any mismatch")
+    parser.add_argument("--repair", type=Path, metavar="DIR",
+                        help="rewrite the shards of DIR that are missing or differ from its manifest, from the source "
+                             "and with the arguments the manifest records (--src where the source has moved), "
+                             "byte-identical to the first run; refused, changing nothing, if the source changed")
     return parser
 
 
@@ -69,12 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.verify is not None:
-            if args.src is not None or args.out is not None:
-                parser.error("--verify DIR checks a finished folder; give it without --src and --out")
+            if args.src is not None or args.out is not None or args.repair is not None:
+                parser.error("--verify DIR checks a finished folder; give it without --src, --out and --repair")
             return verify(args.verify, usable_cores() if args.workers is None else args.workers)
+        if args.repair is not None:
+            shaping = [flag for flag in SHAPING_FLAGS if getattr(args, flag) != parser.get_default(flag)]
+            if args.out is not None or shaping:
+                parser.error(f"--repair DIR takes {', '.join(['--out'] * (args.out is not None) + shaping)} from "
+                             "DIR's manifest; give only --src (where the source has moved) and --workers")
+            return repair(args.repair, args.src, default_workers() if args.workers is None else args.workers)
         if args.src is None or args.out is None:
-            parser.error("--src and --out are required (or --verify DIR): --src is the dataset root holding "
-                         "JPEGImages/ or the JPEGImages/ folder, --out an empty or new folder")
+            parser.error("--src and --out are required (or --verify DIR, or --repair DIR): --src is the dataset root "
+                         "holding JPEGImages/ or the JPEGImages/ folder, --out an empty or new folder")
         run_sharding(ShardOptions(
             src=args.src, out=args.out, workers=default_workers() if args.workers is None else args.workers,
             shard_size=args.shard_size,
@@ -91,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify is not None:
             print(f"error: {os_error_text(e, args.verify)}; check that the folder and its files can be read",
                   file=sys.stderr)
+        elif args.repair is not None:
+            print(f"error: {os_error_text(e, args.repair)}; fix that (free space, permissions), then run --repair "
+                  "again: a shard is only replaced by its verified copy", file=sys.stderr)
         else:
             print(f"error: {os_error_text(e, args.out)}; fix that (free space, permissions), then rerun with "
                   "--resume: finished shards are kept", file=sys.stderr)
@@ -102,11 +120,21 @@ def verify(folder: Path, workers: int) -> int:
     for problem in check.problems:
         print(problem)
     if check.problems:
-        print(f"verify: {len(check.problems)} problems in {folder}; re-shard it with tools/shard_ytvos.py",
-              file=sys.stderr)
+        print(f"verify: {len(check.problems)} problems in {folder}; tools/shard_ytvos.py --repair {folder} rewrites "
+              "the shards that differ from its manifest, from the source", file=sys.stderr)
         return 1
     print(f"verify: OK: {folder}: {check.videos} videos, {check.frames} frames, {check.masks} masks, "
           f"{check.bytes / 1e9:.3f} GB")
+    return 0
+
+
+def repair(folder: Path, src: Path | None, workers: int) -> int:
+    replaced = repair_shards(folder, src, workers)
+    if replaced:
+        print(f"repair: replaced {', '.join(replaced)} in {folder}, byte-identical to the manifest's; no other file "
+              "was touched")
+    else:
+        print(f"repair: every shard of {folder} matches its manifest; nothing to repair (--verify also decodes them)")
     return 0
 
 

@@ -48,7 +48,7 @@ REPORT_FORMAT = "fff-vdi-shard-report"
 INDEX_FORMAT = "fff-vdi-shard-index"
 FORMAT_VERSION = 1
 SHARD_FILE = re.compile(r"(?P<split>train|val)-(?P<number>\d{6})\.(?P<ext>tar|index\.json)")  # shard_name, index_name
-RESHARD_HINT = "run tools/shard_ytvos.py --verify on the folder, or re-shard it with tools/shard_ytvos.py"
+RESHARD_HINT = "run tools/shard_ytvos.py --verify on the folder; its --repair rewrites the shards that --verify lists"
 
 Member = tuple[int, int, int]  # (offset of the data in the tar, size, zlib.crc32)
 
@@ -233,12 +233,12 @@ def load_index(root: Path, shard: dict) -> dict:
         tar_bytes = tar_path.stat().st_size
     except FileNotFoundError:
         raise DataError(f"{tar_path}: shard listed in {root / MANIFEST_NAME} is missing; restore it, "
-                        "or re-shard with tools/shard_ytvos.py") from None
+                        f"or re-shard with tools/shard_ytvos.py --repair {root}") from None
     try:
         index = json.loads(index_path.read_text("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{index_path}: index of {tar_path.name} is missing; restore it, or re-shard with "
-                        "tools/shard_ytvos.py") from None
+                        f"tools/shard_ytvos.py --repair {root}") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{index_path}: cannot be read as JSON ({e}); {RESHARD_HINT}") from e
     if index.get("format") != INDEX_FORMAT or index.get("version") != FORMAT_VERSION:

@@ -38,13 +38,16 @@ Tar members carry fixed metadata. Every file is written to a temporary name and 
 After a kill at any moment, --resume keeps the shards whose tar and index were both renamed,
 removes the rest, and continues from the next video: the result is byte-identical to an
 uninterrupted run. `report.json` doubles as the journal of a run in progress (its records of
-finished shards are kept on resume).
+finished shards are kept on resume). In a finished folder, --repair makes again from the source only
+the shards whose tar or index is missing or differs from the manifest (what --verify lists), byte-
+identical to the first run, and replaces them only once their sha256 is the manifest's; a source
+that changed since is refused, and nothing is changed.
 
 Modules, in the order a run uses them:
 
     options.py   the arguments that shape the output, sizes, worker counts
     scan.py      find the source layout and list every video's frames and masks (no decoding)
-    frames.py    JPEG and PNG checks: decode fully, find what must be repaired, re-encode
+    frames.py    JPEG and PNG checks: decode fully, find what a GPU decoder cannot take, re-encode it
     videos.py    one video -> one packed tar sample (runs in the worker processes)
     tarpack.py   tar members with fixed metadata, appended by a writer thread
     spool.py     the workers' hand-over of packed bytes through /dev/shm
@@ -54,4 +57,5 @@ Modules, in the order a run uses them:
     manifest.py  the finished folder's list of shards with their hashes, and its totals
     run.py       one sharding run
     verify.py    re-hash and decode a finished folder against its manifest
+    repair.py    make the damaged shards of a finished folder again, byte-identical
 """

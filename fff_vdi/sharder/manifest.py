@@ -1,4 +1,5 @@
-"""The manifest of a finished folder: every shard with its hashes, and the totals."""
+"""The manifest of a finished folder: every shard with its hashes, and the totals; and how a shard on
+disk compares with it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 import fff_vdi
-from fff_vdi.data.shards import FORMAT_VERSION, MANIFEST_FORMAT, index_name
+from fff_vdi.data.shards import FORMAT_VERSION, MANIFEST_FORMAT, MANIFEST_NAME, index_name
 from fff_vdi.sharder.options import TOOL, ShardOptions
 from fff_vdi.sharder.records import REPAIRED_FRAME, SKIPPED_FRAME, SKIPPED_VIDEO, count
 
@@ -38,3 +39,21 @@ def build_manifest(options: ShardOptions, indexes: dict[str, list[dict]], record
                    "skipped_frames": count(records, SKIPPED_FRAME),
                    "repaired_frames": count(records, REPAIRED_FRAME)},
     }
+
+
+def compare_with_manifest(root: Path, shard: dict) -> tuple[list[str], bool]:
+    """How a shard's tar and index differ from the manifest's sizes and sha256 (nothing: they are the
+    bytes that were written and verified), and whether both could be read."""
+    problems = []
+    for path, digest, size in ((root / shard["name"], shard["sha256"], shard["bytes"]),
+                               (root / shard["index"], shard["index_sha256"], None)):
+        if not path.is_file():
+            return problems + [f"{path}: missing (listed in {MANIFEST_NAME})"], False
+        if size is not None and path.stat().st_size != size:
+            problems.append(f"{path}: {path.stat().st_size} bytes, {MANIFEST_NAME} says {size}")
+        try:
+            if sha256_file(path) != digest:
+                problems.append(f"{path}: sha256 differs from {MANIFEST_NAME}'s")
+        except OSError as e:
+            return problems + [f"{path}: cannot be read ({e.strerror})"], False
+    return problems, True

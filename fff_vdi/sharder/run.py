@@ -39,8 +39,8 @@ def run_sharding(options: ShardOptions) -> RunSummary:
     layout = resolve_source(options.src, options.with_annotations)
     state = output_state(options)
     if state == FINISHED:
-        print(f"{options.out} is already finished with these arguments; nothing to do "
-              f"(run --verify {options.out} to check it)")
+        print(f"{options.out} is already finished with these arguments; nothing to do (--verify {options.out} "
+              f"checks it, --repair {options.out} rewrites the shards that --verify lists)")
         return RunSummary(options.out, state)
     if state == FRESH and options.resume:
         print(f"resume: {options.out} holds no earlier run; starting a new one")

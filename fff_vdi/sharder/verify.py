@@ -16,7 +16,7 @@ from fff_vdi.data.shards import MANIFEST_NAME, SHARD_FILE, DamagedMember, frame_
     load_manifest, mask_member_name, meta_member_name, read_member
 from fff_vdi.errors import DataError, InputError
 from fff_vdi.sharder.frames import BadFile, decode_jpeg, decode_png
-from fff_vdi.sharder.manifest import sha256_file
+from fff_vdi.sharder.manifest import compare_with_manifest
 from fff_vdi.utils.parallel import map_in_order
 
 
@@ -58,24 +58,15 @@ def verify_shards(out: Path, workers: int = 1) -> ShardCheck:
 def verify_shard(job: tuple[str, dict, bool]) -> ShardCheck:
     root, shard, with_annotations = job
     root = Path(root)
-    tar_path, index_path = root / shard["name"], root / shard["index"]
+    tar_path = root / shard["name"]
     check = ShardCheck([])
 
     def problem(reason: str, member: str | None = None, path: Path = tar_path) -> None:
         check.problems.append(f"{path}: " + (f"member {member}: " if member else "") + reason)
 
-    for path, digest, size in ((tar_path, shard["sha256"], shard["bytes"]), (index_path, shard["index_sha256"], None)):
-        if not path.is_file():
-            problem(f"missing (listed in {MANIFEST_NAME})", path=path)
-            return check
-        if size is not None and path.stat().st_size != size:
-            problem(f"{path.stat().st_size} bytes, {MANIFEST_NAME} says {size}", path=path)
-        try:
-            if sha256_file(path) != digest:
-                problem(f"sha256 differs from {MANIFEST_NAME}'s", path=path)
-        except OSError as e:
-            problem(f"cannot be read ({e.strerror})", path=path)
-            return check
+    check.problems, readable = compare_with_manifest(root, shard)
+    if not readable:
+        return check
     try:
         index = load_index(root, shard)
     except DataError as e:
