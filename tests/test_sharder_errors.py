@@ -98,10 +98,16 @@ def test_verify_lists_a_shard_that_cannot_be_read_and_the_reader_names_it(shards
     result = tool("--verify", out)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{out / 'train-000001.tar'}: cannot be read (Input/output error)" in result.stdout
-    reader = ShardSet(out, "train", [], False, True)
-    with pytest.raises(DataError, match=rf"{out / 'train-000001.tar'}: member x.f00000.jpg cannot be read "
-                                        r"\(Input/output error at offset 0\)"):
-        reader._read("train-000001.tar", (0, 10, 0), "x.f00000.jpg")
+    reader = ShardSet.open(shards)  # then the folder changes under it (a training job's reader)
+    video = next(v for v in reader.videos if v.shard == "train-000001.tar")
+    reader.root = out
+    with pytest.raises(DataError, match=rf"{out / 'train-000001.tar'}: member {video.key}.f00000.jpg cannot be "
+                                        rf"read \(Input/output error at offset {video.frames[0][0]}\)"):
+        reader.read_frame(video, 0)
+    (out / "train-000001.tar").unlink()
+    reader.close()
+    with pytest.raises(DataError, match=rf"{out / 'train-000001.tar'}: cannot be opened \(No such file or directory\)"):
+        reader.read_frame(video, 0)
 
 
 @pytest.mark.parametrize("flag", ["--out", "--json"])
