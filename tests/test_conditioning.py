@@ -28,7 +28,8 @@ from fff_vdi.conditioning.verify import verify_cache
 from fff_vdi.conditioning.writer import PrecomputeOptions, run_precompute
 from fff_vdi.config import compose_experiment, validate
 from fff_vdi.data.loader import ClipLoader
-from fff_vdi.data.sharding import ShardOptions, run_sharding
+from fff_vdi.sharder.options import ShardOptions
+from fff_vdi.sharder.run import run_sharding
 from fff_vdi.data.synthetic import write_synthetic_videos
 from fff_vdi.distributed.env import DistInfo
 from fff_vdi.errors import ConfigError, DataError
@@ -133,7 +134,8 @@ def test_verify_passes_the_cache_and_names_a_corrupted_record(reference, tmp_pat
         f.seek(offset + size // 2)
         f.write(bytes([byte[0] ^ 0x10]))
     problems = verify_cache(damaged).problems
-    assert any("cond-000001.tar: record synth0000.s02.f00001.flows: crc32" in p for p in problems), problems
+    assert any("cond-000001.tar: record synth0000.s02.f00001.flows: crc32" in p and "differs from the index's" in p
+               for p in problems), problems
     assert main(["--verify", str(damaged)]) == 1
     # The trainer's reader refuses the damaged record too, naming it.
     cache = ConditioningCache.open(damaged)

@@ -48,14 +48,15 @@ from fff_vdi.conditioning.frames import decoded_videos
 from fff_vdi.config import ExperimentConfig, validate_data
 from fff_vdi.data.loader import resolve_backend
 from fff_vdi.data.plan import steps_in_use
-from fff_vdi.data.sharding import crash_point, sha256_file
 from fff_vdi.data.shards import ShardSet, VideoEntry
 from fff_vdi.data.shards import load_manifest as load_image_manifest
-from fff_vdi.data.spool import Spool
-from fff_vdi.data.tarpack import Member, TarShardWriter, pack_members
 from fff_vdi.distributed.env import DistInfo, barrier
 from fff_vdi.errors import DataError, InputError
 from fff_vdi.models.components import build_components
+from fff_vdi.sharder.manifest import sha256_file
+from fff_vdi.sharder.spool import Spool
+from fff_vdi.sharder.tarpack import Member, TarShardWriter, pack_members
+from fff_vdi.sharder.writer import crash_point
 from fff_vdi.train.objective import DTYPES, FrozenConditioner
 from fff_vdi.utils.atomic import atomic_open, atomic_write_json, remove_temp_files
 

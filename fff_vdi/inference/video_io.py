@@ -15,7 +15,6 @@ is an `InputError` that names the file and the fix.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fff_vdi.errors import InputError
 from fff_vdi.utils.atomic import TMP_MARK, fsync_dir
+from fff_vdi.utils.paths import natural_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -35,13 +35,9 @@ MASK_DIRS = ("Annotations", "Masks")  # ROOT/Annotations/<id>/ (YouTube-VOS) or 
 MASK_VIDEO_THRESHOLD = 127
 
 
-def natural_key(path: Path) -> list:
-    """Sort key that orders numbered files by number: frame2 < frame10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
 def image_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+    images = (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(images, key=lambda p: natural_key(p.name))
 
 
 def is_video_file(path: Path) -> bool:
@@ -164,7 +160,7 @@ def find_videos(path: str | Path, flag: str, dataset_dirs: tuple[str, ...] = FRA
     if single is not None:
         return {path.stem if path.is_file() else path.name: single}
     videos = {}
-    for entry in sorted(path.iterdir(), key=natural_key):
+    for entry in sorted(path.iterdir(), key=lambda p: natural_key(p.name)):
         video = _as_video(entry)
         if video is not None:
             videos[entry.stem if entry.is_file() else entry.name] = video
