@@ -45,9 +45,9 @@ from fff_vdi.data.loader import resolve_backend  # noqa: E402
 from fff_vdi.data.masks import draw_mask, plan_mask  # noqa: E402
 from fff_vdi.data.sampler import stream_rng  # noqa: E402
 from fff_vdi.data.shards import ShardSet  # noqa: E402
+from fff_vdi.models.components import build_components  # noqa: E402
 from fff_vdi.models.encoders import encode_image_embedding, latent_moments, latents_from_moments  # noqa: E402
 from fff_vdi.train.objective import FrozenConditioner  # noqa: E402
-from fff_vdi.train.trainer import build_components  # noqa: E402
 
 YTVOS_FRAMES, YTVOS_VIDEOS = 95_000, 3_471  # YouTube-VOS 2019 train at 6 fps
 PAPER = {"height": 256, "width": 512, "embed_dim": 1024, "frozen_dtype": "bfloat16", "frame_steps": [1, 2]}
@@ -164,10 +164,10 @@ def completed_errors(raft32, completion, frames: torch.Tensor, iters: int, mask_
 
 def latent_errors(vae32, vae16, frames: torch.Tensor, seed: int) -> dict:
     moments = latent_moments(vae32, frames[None])
-    scale = vae32.config.scaling_factor
 
     def sampled(m):
-        return latents_from_moments(m.float(), scale, sample=True, generator=torch.Generator(frames.device).manual_seed(seed))
+        return latents_from_moments(vae32, m.float(), sample=True, scaled=True,
+                                    generator=torch.Generator(frames.device).manual_seed(seed))
 
     reference = sampled(moments)
     std = float(reference.std())
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
     video = shards.videos[0]
     frames = next(decoded_videos(shards, [video], d, resolve_backend(d.backend, device), device))[: args.frames]
     tick = time.perf_counter()
-    n32 = FrozenConditioner(build_components(cfg, cfg.trainer.seed, device), cfg.objective, m.raft_iters, torch.float32, device)
-    n16 = FrozenConditioner(build_components(cfg, cfg.trainer.seed, device), cfg.objective, m.raft_iters, torch.bfloat16, device)
+    n32 = FrozenConditioner(build_components(m, seed=cfg.trainer.seed, device=device), cfg.objective, m.raft_iters, torch.float32, device)
+    n16 = FrozenConditioner(build_components(m, seed=cfg.trainer.seed, device=device), cfg.objective, m.raft_iters, torch.bfloat16, device)
     with torch.inference_mode():
         flows = flow_errors(n32.raft, n16.raft, n32.flow_completion, frames, sorted(set(d.frame_steps)), m.raft_iters,
                             d.masks, cfg.trainer.seed)

@@ -6,7 +6,7 @@
 
 Makes synthetic 720p videos and shards them (once, under --work), builds the cache with
 tools/precompute_conditioning.py (once; its throughput goes to the results), then trains
-`launch/train.py experiment=paper_512x256` with random SVD-XT weights on every GPU (torchrun) for
+`launch/train.py experiment=paper_512x256 model=svd_xt_random` (random weights) on every GPU for
 --steps steps per run: `online` (RAFT, VAE and CLIP every step) and `cached` (experiment.data.
 conditioning). Both runs read the frames the cache serves (data.crop=none, no flip), so they differ
 only in the conditioning. Results: per run the medians over the steps after --skip (step time,
@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="more launch/train.py overrides for both runs and the cache")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--experiment", default="paper_512x256")
-    p.add_argument("--random-init", default="svd_xt", help="bundled config of the random networks")
+    p.add_argument("--model", default="svd_xt_random", help="configs/model/ group: the networks (default: SVD-XT "
+                                                            "architecture, random weights)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench_conditioning", help="videos, shards, cache, runs")
     p.add_argument("--runs", default="online,cached", help="comma-separated: online, cached")
     p.add_argument("--steps", type=int, default=40)
@@ -82,14 +83,13 @@ def main(argv=None) -> int:
              "--frames", args.frames, "--width", width, "--height", height, "--no-annotations", "--workers", workers])
         run([sys.executable, "tools/shard_ytvos.py", "--src", work / "videos", "--out", shards, "--workers", workers])
     compiled = "true" if args.compile == "on" else "false"
-    common = [f"experiment={args.experiment}", "experiment.model.pretrained=null",
-              f"experiment.model.random_init={args.random_init}",
+    common = [f"experiment={args.experiment}", f"model={args.model}",
               f"experiment.data.shards={shards}", "experiment.data.crop=none", "experiment.data.hflip_prob=0",
               f"experiment.data.batch_size={args.batch}", f"experiment.parallel.compile={compiled}",
               f"experiment.parallel.compile_frozen={compiled}", *args.overrides]
     results = {"gpus": gpus, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "batch_per_gpu": args.batch, "compile": args.compile, "steps": args.steps,
-               "experiment": args.experiment, "random_init": args.random_init, "overrides": args.overrides,
+               "experiment": args.experiment, "model": args.model, "overrides": args.overrides,
                "data": {"videos": args.videos, "frames_per_video": args.frames, "source": f"synthetic {args.video_size}"},
                "runs": {}}
     runs = args.runs.split(",")

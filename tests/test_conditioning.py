@@ -222,9 +222,9 @@ def test_training_with_the_cache_matches_online_and_resumes_exactly(tiny_pipelin
     online, cached = tmp_path / "online", tmp_path / "cached"
     launch_together([
         experiment(tiny_pipeline, image_shards, **common, **{"experiment.output_dir": online}),
-        experiment(tiny_pipeline, image_shards, **common, **{"experiment.output_dir": cached,
-                                                             "experiment.data.conditioning": reference,
-                                                             "experiment.trainer.max_steps": 2}),
+        experiment(tiny_pipeline, image_shards, **{**common, "experiment.output_dir": cached,
+                                                   "experiment.data.conditioning": reference,
+                                                   "experiment.trainer.max_steps": 2}),
     ])
     resumed, bad = trainers_together([
         experiment(tiny_pipeline, image_shards, **common, **{"experiment.output_dir": cached,

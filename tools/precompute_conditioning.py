@@ -95,7 +95,7 @@ def precompute(args) -> int:
     try:
         summary = run_precompute(cfg, options, dist)
         runs = [None] * dist.world_size
-        torch.distributed.all_gather_object(runs, (summary.frames, summary.seconds, summary.phases))
+        torch.distributed.all_gather_object(runs, (summary.frames, summary.seconds, summary.phases, summary.units or []))
         if dist.is_main:
             report(summary, runs, args.stats_json)
         return 0
@@ -120,9 +120,14 @@ def report(summary, runs: list, stats_json: Path | None) -> None:
               f"{t['bytes'] / 1e9:.3f} GB; this run computed {frames} frames in {seconds:.1f} s on {len(runs)} rank(s) "
               f"({frames / max(seconds, 1e-9):.1f} frames/s)")
     if stats_json is not None:
+        later = [units[1:] for *_, units in runs]  # each rank's first unit compiles the networks
+        steady = [sum(f for f, _ in u) / max(sum(s for _, s in u), 1e-9) for u in later if u]
         stats = {"frames": frames, "seconds": seconds, "ranks": len(runs),
                  "frames_per_s": frames / max(seconds, 1e-9),
                  "frames_per_s_per_rank": [r[0] / max(r[1], 1e-9) for r in runs],
+                 "first_unit_seconds_per_rank": [units[0][1] if units else None for *_, units in runs],
+                 "steady_frames_per_s_per_rank": steady,
+                 "steady_frames_per_s": sum(steady),
                  "phase_seconds_rank0": runs[0][2],
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "totals": None if summary.manifest is None else summary.manifest["totals"],

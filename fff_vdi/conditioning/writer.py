@@ -165,6 +165,7 @@ class UnitWriter:
         self.encoder, self.backend, self.device = encoder, backend, device
         self.frozen_dtype, self.flow_dtype = DTYPES[args["frozen_dtype"]], DTYPES[args["flow_dtype"]]
         self.seconds = {"decode": 0.0, "vae": 0.0, "clip": 0.0, "raft": 0.0, "write": 0.0}
+        self.units: list[tuple[int, float]] = []  # (frames, seconds) of each unit, in order
 
     def _tick(self) -> float:
         if self.device.type == "cuda":
@@ -176,11 +177,12 @@ class UnitWriter:
                                      self.backend, self.device)
         try:
             for name, videos in units:
-                tick = self._tick()
+                start = tick = self._tick()
                 frames = [next(frames_iter) for _ in videos]
                 self._account("decode", tick)
                 self._write_unit(name, videos, frames)
-                progress.update(sum(v.num_frames for v in videos))
+                self.units.append((sum(v.num_frames for v in videos), time.perf_counter() - start))
+                progress.update(self.units[-1][0])
         finally:
             frames_iter.close()
 
@@ -274,6 +276,7 @@ class PrecomputeSummary:
     frames: int = 0  # computed by this rank in this run
     seconds: float = 0.0
     phases: dict | None = None
+    units: list | None = None  # (frames, seconds) per unit: the first one includes compilation
     manifest: dict | None = None
 
 
@@ -320,7 +323,8 @@ def run_precompute(cfg: ExperimentConfig, options: PrecomputeOptions, dist: Dist
         writer.write_units(mine, progress)
     finally:
         progress.close()
-    summary = PrecomputeSummary(out, state, progress.frames, time.perf_counter() - progress.start, writer.seconds)
+    summary = PrecomputeSummary(out, state, progress.frames, time.perf_counter() - progress.start, writer.seconds,
+                                writer.units)
     barrier()
     if dist.is_main:
         summary.manifest = build_manifest(out, args, [name for name, _ in units], cfg.data.shards)
