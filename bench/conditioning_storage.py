@@ -7,13 +7,14 @@ OVERRIDES are launch/train.py's, as for tools/precompute_conditioning.py (shards
 steps, networks, RAFT iterations). The first --frames frames of the split's first video are decoded
 as the tool decodes them, and the frozen networks run in float32 (the reference: "online fp32").
 
-Flows (both directions, every configured frame step): stored at full resolution in float32, float16
-or bfloat16, or at 1/8 resolution (RAFT's own 1/8-grid estimate, or the full-resolution flow resized
-bilinearly) in float32 or float16. The error is measured where the refiner consumes flows, the latent
-grid (1/8): `raw` on the flows as cached (what the refiner sees outside the holes), `completed` after
-flow completion in a rectangle mask of the training recipe (what it sees everywhere; a 1/8 cache must
-be upsampled to full resolution for the completion network). Errors are end-point errors in
-full-resolution pixels (mean, 99th percentile, max), with the reference's mean magnitude for scale.
+Flows (both directions, every configured frame step), as a cache could hold them: at full resolution
+in float32, float16 or bfloat16; resized to the latent grid (1/8) as the UNet resizes them for the
+refiner (`--flow-resolution eighth`) in float32 or float16; or RAFT's own 1/8-grid estimate (before its
+learned upsampling). The error is measured where the refiner consumes flows, the latent grid: `raw` on
+the flows as cached (what the refiner sees outside the holes), `completed` after flow completion in a
+rectangle mask of the training recipe (what it sees everywhere; a 1/8 cache is resized back to full
+resolution for the completion network, as the reader does). End-point errors in full-resolution
+pixels (mean, 99th percentile, max), with the reference's mean magnitude for scale.
 Latents: the posterior's parameters in float16 or bfloat16 against float32, through the same noise
 draw (relative to the latents' standard deviation). CLIP: the embedding's relative L2 error.
 The yardstick in each section: the online path itself with the frozen networks in bfloat16 (the
@@ -36,9 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from fff_vdi.conditioning.format import DTYPES, RecordShapes  # noqa: E402
+from fff_vdi.conditioning.format import DTYPES, RecordShapes, resize_flows  # noqa: E402
 from fff_vdi.conditioning.frames import decoded_videos  # noqa: E402
 from fff_vdi.config import compose_experiment  # noqa: E402
 from fff_vdi.data.loader import resolve_backend  # noqa: E402
@@ -67,8 +67,8 @@ def gb_per_1000_frames(height: int, width: int, embed_dim: int, frozen_dtype: st
                        frames_per_video: float) -> float:
     """Bytes of the records of 1,000 frames in videos of `frames_per_video` frames, as tar members."""
     resolution, dtype = flow.split("_", 1)
-    shapes = RecordShapes(height, width, embed_dim, DTYPES[frozen_dtype], DTYPES[dtype])
-    flow_bytes = shapes.nbytes("flows") // (64 if resolution == "eighth" else 1)
+    shapes = RecordShapes(height, width, embed_dim, DTYPES[frozen_dtype], DTYPES[dtype], resolution)
+    flow_bytes = shapes.nbytes("flows")
 
     def member(nbytes: int) -> int:  # header block, data, padding to the block size
         return tarfile.BLOCKSIZE + nbytes + (-nbytes % tarfile.BLOCKSIZE)
@@ -88,14 +88,18 @@ def disk_table(height, width, embed_dim, frozen_dtype, steps, frames_per_video) 
 
 # ------------------------------------------------------------------------------------------ errors
 
-def to_latent_grid(flows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """What the UNet does to completed flows before the refiner (bilinear, align_corners=False, not rescaled)."""
-    return F.interpolate(flows.flatten(0, -4), size=size, mode="bilinear", align_corners=False).view(*flows.shape[:-2], *size)
+STORED = ["full_float32", "full_float16", "full_bfloat16", "eighth_bilinear_float32", "eighth_bilinear_float16",
+          "eighth_raft_float32", "eighth_raft_float16"]
 
 
-def to_full(flows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A 1/8 cache's flows brought back to full resolution for the completion network."""
-    return F.interpolate(flows.flatten(0, -4), size=size, mode="bilinear", align_corners=False).view(*flows.shape[:-2], *size)
+def stored(choice: str, full: torch.Tensor, raft_eighth: torch.Tensor) -> torch.Tensor:
+    """Flows (..., 2, h, w) as a cache of `choice` holds them, back in float32: full resolution, the
+    full-resolution flow resized to the latent grid (the cache's --flow-resolution eighth), or RAFT's own
+    1/8-grid estimate; in the named dtype."""
+    *kind, dtype = choice.split("_")
+    grid = tuple(raft_eighth.shape[-2:])
+    flows = {"full": full, "eighth_bilinear": resize_flows(full, grid), "eighth_raft": raft_eighth}["_".join(kind)]
+    return flows.to(DTYPES[dtype]).float()
 
 
 def endpoint_errors(x: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -103,63 +107,44 @@ def endpoint_errors(x: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"mean_px": float(epe.mean()), "p99_px": float(torch.quantile(epe[: 2**24], 0.99)), "max_px": float(epe.max())}
 
 
-def cast(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    return x.to(DTYPES[dtype]).float()
-
-
 def flow_errors(raft32, raft16, completion, frames: torch.Tensor, steps: list[int], iters: int, mask_cfg, seed: int) -> dict:
+    """`raw`: every pair of every frame step, at the refiner's grid. `completed`: the step-1 pairs as
+    one clip, completed in a rectangle mask of the training recipe (a 1/8 cache is resized back to
+    full resolution first, as the reader does), then at the refiner's grid."""
     t, _, h, w = frames.shape
     grid = (h // 8, w // 8)
-    raw, stored, yard = [], {c: [] for c in FLOW_CHOICES}, []
+    raw = {c: [] for c in STORED}
+    reference, yard = [], []
     for step in steps:
         if t <= step:
             continue
         first, second = frames[:-step], frames[step:]
         pair = (torch.cat([first, second]), torch.cat([second, first]))
-        full = raft32(*pair, iters)  # (2P, 2, H, W)
-        eighth = raft32(*pair, iters, upsample=False)
-        reference = to_latent_grid(full, grid)
-        raw.append(reference)
-        for choice in FLOW_CHOICES:
-            resolution, dtype = choice.split("_", 1)
-            if resolution == "full":
-                stored[choice].append(to_latent_grid(cast(full, dtype), grid))
-            else:
-                stored[choice].append(cast(eighth, dtype))
-        stored.setdefault("eighth_bilinear_float32", []).append(reference)
-        yard.append(to_latent_grid(raft16(*pair, iters), grid))
-    reference = torch.cat(raw)
-    out = {"reference_mean_magnitude_px": float(reference.norm(dim=-3).mean()),
-           "raw": {c: endpoint_errors(torch.cat(v), reference) for c, v in stored.items()},
-           "yardstick_bfloat16_raft_raw": endpoint_errors(torch.cat(yard), reference)}
-    out["completed"] = completed_errors(raft32, completion, frames, iters, mask_cfg, seed)
-    return out
+        full, raft_eighth = raft32(*pair, iters), raft32(*pair, iters, upsample=False)
+        reference.append(resize_flows(full, grid))
+        for choice in STORED:
+            raw[choice].append(resize_flows(stored(choice, full, raft_eighth), grid))
+        yard.append(resize_flows(raft16(*pair, iters), grid))
+    reference = torch.cat(reference)
 
-
-def completed_errors(raft32, completion, frames: torch.Tensor, iters: int, mask_cfg, seed: int) -> dict:
-    """Step-1 flows of the frames as one clip, completed in a rectangle mask of the training recipe."""
-    t, _, h, w = frames.shape
-    grid = (h // 8, w // 8)
     mask = draw_mask(plan_mask(stream_rng(seed, 1), t, h, w, mask_cfg, False), h, w, frames.device)[None]
-    forward, backward = raft32.bidirectional(frames[None], iters=iters)
-    low_f = raft32(frames[:-1], frames[1:], iters, upsample=False)[None]
-    low_b = raft32(frames[1:], frames[:-1], iters, upsample=False)[None]
+    clip = (torch.cat([frames[:-1], frames[1:]]), torch.cat([frames[1:], frames[:-1]]))
+    full, raft_eighth = raft32(*clip, iters), raft32(*clip, iters, upsample=False)
 
-    def completed(f, b):
-        cf, cb = completion(f.float(), b.float(), mask)
-        return torch.cat([to_latent_grid(cf, grid), to_latent_grid(cb, grid)])
+    def completed(flows):  # (2(T-1), 2, H', W') both directions -> completed, at the refiner's grid
+        forward, backward = resize_flows(flows, (h, w)).chunk(2)
+        return torch.cat([resize_flows(f, grid) for f in completion(forward[None], backward[None], mask)])
 
-    reference = completed(forward, backward)
-    variants = {
-        "full_float16": (cast(forward, "float16"), cast(backward, "float16")),
-        "full_bfloat16": (cast(forward, "bfloat16"), cast(backward, "bfloat16")),
-        "eighth_float32": (to_full(low_f, (h, w)), to_full(low_b, (h, w))),
-        "eighth_float16": (to_full(cast(low_f, "float16"), (h, w)), to_full(cast(low_b, "float16"), (h, w))),
-        "eighth_bilinear_float32": tuple(to_full(to_latent_grid(x, grid), (h, w)) for x in (forward, backward)),
+    completed_reference = completed(full)
+    return {
+        "reference_mean_magnitude_px": float(reference.norm(dim=-3).mean()),
+        "raw": {c: endpoint_errors(torch.cat(v), reference) for c, v in raw.items()},
+        "yardstick_bfloat16_raft_raw": endpoint_errors(torch.cat(yard), reference),
+        "completed": {"hole_share": float(mask.mean()),
+                      "reference_mean_magnitude_px": float(completed_reference.norm(dim=-3).mean()),
+                      **{c: endpoint_errors(completed(stored(c, full, raft_eighth)), completed_reference)
+                         for c in STORED[1:]}},
     }
-    hole = float(mask.mean())
-    return {"hole_share": hole, "reference_mean_magnitude_px": float(reference.norm(dim=-3).mean()),
-            **{name: endpoint_errors(completed(*fb), reference) for name, fb in variants.items()}}
 
 
 def latent_errors(vae32, vae16, frames: torch.Tensor, seed: int) -> dict:
@@ -176,7 +161,7 @@ def latent_errors(vae32, vae16, frames: torch.Tensor, seed: int) -> dict:
         d = (x - reference).abs()
         return {"rms_over_std": float(d.pow(2).mean().sqrt()) / std, "max_over_std": float(d.max()) / std}
 
-    return {"latent_std": std, **{f"stored_{dt}": errors(sampled(cast(moments, dt))) for dt in ("float16", "bfloat16")},
+    return {"latent_std": std, **{f"stored_{dt}": errors(sampled(moments.to(DTYPES[dt]))) for dt in ("float16", "bfloat16")},
             "yardstick_bfloat16_vae": errors(sampled(latent_moments(vae16, frames[None])))}
 
 
@@ -186,7 +171,7 @@ def embed_errors(n32: FrozenConditioner, n16: FrozenConditioner, frames: torch.T
     def rel(x):
         return float((x.float() - reference).norm() / reference.norm())
 
-    return {**{f"stored_{dt}_relative_l2": rel(cast(reference, dt)) for dt in ("float16", "bfloat16")},
+    return {**{f"stored_{dt}_relative_l2": rel(reference.to(DTYPES[dt])) for dt in ("float16", "bfloat16")},
             "yardstick_bfloat16_clip_relative_l2": rel(encode_image_embedding(n16.image_encoder, n16.feature_extractor, frames))}
 
 

@@ -122,8 +122,9 @@ class DataConfig:
     # only what it can serve exactly: crop=none, hflip_prob=0, no colour jitter, and the resolution,
     # frame steps, frozen networks and image shards it was made with (checked at start-up).
     conditioning: Optional[str] = None
-    # Approximations of the online conditioning the cache may make, each asked for by name:
-    # "flows_float16" (flows stored in float16: half the disk; measured error in the README).
+    # Approximations of the online conditioning the cache may make, each asked for by name (measured
+    # errors in the README): "flows_float16" (flows stored in float16: half the disk), "flows_eighth"
+    # (flows stored on the latent grid and resized back for flow completion: 1/40 of the disk).
     conditioning_approximate: list[str] = field(default_factory=list)
 
 
@@ -297,7 +298,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
         validate_cacheable(d, prefix)
 
 
-CONDITIONING_APPROXIMATIONS = ("flows_float16",)
+CONDITIONING_APPROXIMATIONS = ("flows_float16", "flows_eighth")
 
 
 def validate_cacheable(d: DataConfig, prefix: str = "data") -> None:

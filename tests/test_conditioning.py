@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from conftest import REPO, snapshot
+from fff_vdi.conditioning.format import resize_flows
 from fff_vdi.conditioning.reader import ConditioningCache, open_training_cache
 from fff_vdi.conditioning.verify import verify_cache
 from fff_vdi.conditioning.writer import PrecomputeOptions, run_precompute
@@ -69,16 +70,21 @@ def image_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_pipeline, image_shards, tmp_path_factory) -> Path:
-    """A cache made in this process (no process group: a world of one), uninterrupted."""
-    out = tmp_path_factory.mktemp("cache") / "reference"
-    cfg = compose_experiment(experiment(tiny_pipeline, image_shards))
+def precompute_here(out: Path, pipeline: Path, shards: Path, **options) -> dict:
+    """A cache made in this process (no process group: a world of one); returns its manifest."""
+    cfg = compose_experiment(experiment(pipeline, shards))
     try:
-        summary = run_precompute(cfg, PrecomputeOptions(out, unit_frames=2), DistInfo(0, 1, 0, torch.device("cpu")))
+        summary = run_precompute(cfg, PrecomputeOptions(out, unit_frames=2, **options), DistInfo(0, 1, 0, torch.device("cpu")))
     finally:
         torch.use_deterministic_algorithms(False)  # the tool's setting, for this process only
-    totals = summary.manifest["totals"]
+    return summary.manifest
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, image_shards, tmp_path_factory) -> Path:
+    """The exact cache, uninterrupted."""
+    out = tmp_path_factory.mktemp("cache") / "reference"
+    totals = precompute_here(out, tiny_pipeline, image_shards)["totals"]
     assert (totals["units"], totals["videos"], totals["frames"]) == (3, 3, 12)
     return out
 
@@ -242,3 +248,29 @@ def test_training_with_the_cache_matches_online_and_resumes_exactly(tiny_pipelin
     assert bad.returncode != 0
     assert "error: config key 'experiment.model.raft_iters' = 3: the conditioning cache" in bad.stdout
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_approximate_cache_is_refused_unless_asked_for_and_reads_as_stated(tiny_pipeline, image_shards, tmp_path):
+    """Flows in float16 on the latent grid: refused without the named approximations; with them, the
+    batch's raw flows are RAFT's resized to the latent grid, rounded to float16 and resized back."""
+    out = tmp_path / "approximate"
+    precompute_here(out, tiny_pipeline, image_shards, flow_dtype="float16", flow_resolution="eighth")
+    assert verify_cache(out).problems == []
+    overrides = {"experiment.data.conditioning": out}
+    for asked, missing in (("[]", "flows_float16"), ("[flows_float16]", "flows_eighth")):
+        cfg = compose_experiment(experiment(tiny_pipeline, image_shards, **overrides,
+                                            **{"experiment.data.conditioning_approximate": asked}))
+        with pytest.raises(ConfigError, match=rf"conditioning_approximate.*\[{missing}\]"):
+            open_training_cache(cfg, "cpu")
+    cfg = validate(compose_experiment(experiment(tiny_pipeline, image_shards, **overrides, **{
+        "experiment.data.conditioning_approximate": "[flows_float16,flows_eighth]"})))
+    cache = open_training_cache(cfg, "cpu")
+    components = load_components(str(tiny_pipeline))
+    conditioner = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters, torch.float32, torch.device("cpu"))
+    batch = next(ClipLoader(cfg.data, conditioning=cache))
+    features = batch[CLEAN_FEATURES]
+    online = conditioner.raw_flows(batch["pixel_values"])
+    for got, flows in zip((features.raw_flows_forward, features.raw_flows_backward), online):
+        expected = resize_flows(resize_flows(flows, (16, 16)).half(), (128, 128))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert conditioner(batch, step_generator(7, 0, 0, 0, torch.device("cpu"))).flows_forward.shape == online[0].shape

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow-dtype", choices=writer.FLOW_DTYPES, default="float32",
                         help="storage of the flows: float32 as RAFT computes them (exact; default) or float16 (half the "
                              "disk; the trainer then needs experiment.data.conditioning_approximate=[flows_float16])")
+    parser.add_argument("--flow-resolution", choices=writer.FLOW_RESOLUTIONS, default="full",
+                        help="full (default: exact) or eighth: the flows resized to the latent grid as the refiner "
+                             "sees them, 1/64 of their disk; the trainer then needs "
+                             "experiment.data.conditioning_approximate=[flows_eighth]")
     parser.add_argument("--unit-frames", type=int, default=128, metavar="N",
                         help="frames per work unit (one tar each; the unit of resume and of the split over ranks)")
     parser.add_argument("--pairs-per-call", type=int, default=16, metavar="P",
@@ -87,7 +91,8 @@ def precompute(args) -> int:
 
     try:
         cfg = compose_experiment(args.overrides)
-        options = PrecomputeOptions(args.out, args.unit_frames, args.flow_dtype, args.pairs_per_call, args.resume)
+        options = PrecomputeOptions(args.out, args.unit_frames, args.flow_dtype, args.pairs_per_call, args.resume,
+                                    args.flow_resolution)
         dist = init_distributed(timeout_s=7 * 24 * 3600)  # ranks wait for the slowest at the end
     except FFFVDIError as e:
         print(f"error: {e}", file=sys.stderr)

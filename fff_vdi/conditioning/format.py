@@ -13,7 +13,9 @@ Records (tar members with the image shards' fixed metadata), per video of the sp
                                log-variance, in the frozen networks' dtype (training still samples)
     <key>.f00000.embed ...     per frame: the CLIP image embedding (D,), in the frozen networks' dtype
     <key>.s01.f00000.flows ... per frame step s and frame i < num_frames - s: RAFT's flow from frame
-                               i to i+s, then from i+s to i, each (2, H, W) in `flow_dtype`
+                               i to i+s, then from i+s to i, each (2, H, W) in `flow_dtype`; with
+                               flow_resolution "eighth" (an approximation) each resized to the latent
+                               grid, (2, H/8, W/8), as the UNet resizes flows for the refiner
 
 The frames are the image shards' frames as the training loader decodes them with `data.crop=none`
 (the whole frame resized to H x W), unflipped and unjittered. A unit's index is
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fff_vdi.errors import DataError
 
@@ -79,11 +82,12 @@ class RecordShapes:
     embed_dim: int
     frozen_dtype: torch.dtype
     flow_dtype: torch.dtype
+    flow_resolution: str = "full"  # or "eighth": the latent grid
 
     @classmethod
     def of(cls, args: dict) -> "RecordShapes":
         return cls(args["height"], args["width"], args["embed_dim"], DTYPES[args["frozen_dtype"]],
-                   DTYPES[args["flow_dtype"]])
+                   DTYPES[args["flow_dtype"]], args["flow_resolution"])
 
     @property
     def moments(self) -> tuple[int, ...]:
@@ -91,12 +95,23 @@ class RecordShapes:
 
     @property
     def flows(self) -> tuple[int, ...]:
-        return (2, 2, self.height, self.width)  # (direction: forward then backward, xy, H, W)
+        """(direction: forward then backward, xy, H, W) at the stored resolution."""
+        scale = 8 if self.flow_resolution == "eighth" else 1
+        return (2, 2, self.height // scale, self.width // scale)
 
     def nbytes(self, kind: str) -> int:
         shape, dtype = {"moments": (self.moments, self.frozen_dtype), "embeds": ((self.embed_dim,), self.frozen_dtype),
                         "flows": (self.flows, self.flow_dtype)}[kind]
         return int(torch.Size(shape).numel()) * dtype.itemsize
+
+
+def resize_flows(flows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Flows (..., 2, h, w) resized to `size` as the UNet resizes completed flows for the refiner
+    (bilinear, align_corners=False; values stay in full-resolution pixels): how an "eighth" cache
+    stores them, and how it brings them back to full resolution for flow completion."""
+    lead = flows.shape[:-3]
+    out = F.interpolate(flows.reshape(-1, *flows.shape[-3:]).float(), size=size, mode="bilinear", align_corners=False)
+    return out.view(*lead, *out.shape[-3:])
 
 
 def record_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:

@@ -39,6 +39,7 @@ from fff_vdi.conditioning.format import (
     load_manifest,
     load_unit_index,
     moments_member,
+    resize_flows,
 )
 from fff_vdi.data.plan import steps_in_use
 from fff_vdi.data.shards import load_manifest as load_image_manifest
@@ -113,10 +114,14 @@ class ConditioningCache:
                                   ("model.frozen_dtype", m.frozen_dtype, a["frozen_dtype"])):
             if ours != theirs:
                 raise ConfigError(f"experiment.{key}", ours, f"{where} was made with {theirs!r}: {rebuild}")
-        if a["flow_dtype"] != "float32" and "flows_float16" not in d.conditioning_approximate:
-            raise ConfigError("experiment.data.conditioning_approximate", list(d.conditioning_approximate),
-                              f"{where} stores its flows in {a['flow_dtype']}, not as RAFT computes them (float32): "
-                              "ask for that approximation by name with [flows_float16], or build a float32 cache")
+        approximations = {"flows_float16": (a["flow_dtype"] != "float32", f"in {a['flow_dtype']}, not in float32"),
+                          "flows_eighth": (a["flow_resolution"] != "full", "on the latent grid (1/8), not at full "
+                                                                           "resolution")}
+        for name, (made, how) in approximations.items():
+            if made and name not in d.conditioning_approximate:
+                raise ConfigError("experiment.data.conditioning_approximate", list(d.conditioning_approximate),
+                                  f"{where} stores RAFT's flows {how}: ask for that approximation by name "
+                                  f"([{name}]; its measured error is in the README), or build an exact cache")
         current = image_shard_identity(load_image_manifest(Path(d.shards)), d.split)
         if current != a["image_shards"]["shards"]:
             raise ConfigError("experiment.data.shards", d.shards,
@@ -231,4 +236,6 @@ class ConditioningCache:
         moments = moments.view(s.frozen_dtype).view(b, -1, *s.moments)
         embeds = embeds.view(s.frozen_dtype).view(b, 1, s.embed_dim)
         flows = flows.view(s.flow_dtype).view(b, -1, *s.flows).float()
+        if s.flow_resolution == "eighth":  # back to the clip's size for flow completion
+            flows = resize_flows(flows, (s.height, s.width))
         return {CLEAN_FEATURES: CleanClipFeatures(flows[:, :, 0], flows[:, :, 1], moments, embeds)}

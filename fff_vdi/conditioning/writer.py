@@ -41,6 +41,7 @@ from fff_vdi.conditioning.format import (
     moments_member,
     read_json,
     record_bytes,
+    resize_flows,
     unit_index_name,
     unit_name,
 )
@@ -61,6 +62,7 @@ from fff_vdi.train.objective import DTYPES, FrozenConditioner
 from fff_vdi.utils.atomic import atomic_open, atomic_write_json, remove_temp_files
 
 FLOW_DTYPES = ("float32", "float16")
+FLOW_RESOLUTIONS = ("full", "eighth")
 UNIT_FILE = re.compile(r"cond-\d{6}\.(tar|index\.json)")
 FRESH, RESUMING, FINISHED = "fresh", "resuming", "finished"
 
@@ -72,12 +74,15 @@ class PrecomputeOptions:
     flow_dtype: str = "float32"
     pairs_per_call: int = 16
     resume: bool = False
+    flow_resolution: str = "full"
 
     def validate(self) -> None:
         if self.unit_frames < 1:
             raise InputError(f"--unit-frames={self.unit_frames}: use 1 or more")
         if self.flow_dtype not in FLOW_DTYPES:
             raise InputError(f"--flow-dtype={self.flow_dtype}: use one of {', '.join(FLOW_DTYPES)}")
+        if self.flow_resolution not in FLOW_RESOLUTIONS:
+            raise InputError(f"--flow-resolution={self.flow_resolution}: use one of {', '.join(FLOW_RESOLUTIONS)}")
         if self.pairs_per_call < 1:
             raise InputError(f"--pairs-per-call={self.pairs_per_call}: use 1 or more")
 
@@ -102,7 +107,8 @@ def output_args(cfg: ExperimentConfig, options: PrecomputeOptions, image_manifes
     return {
         "split": d.split, "height": d.height, "width": d.width, "frame_steps": sorted(set(d.frame_steps)),
         "num_frames": d.num_frames, "short_video_policy": d.short_video_policy, "raft_iters": m.raft_iters,
-        "frozen_dtype": m.frozen_dtype, "flow_dtype": options.flow_dtype, "embed_dim": embed_dim,
+        "frozen_dtype": m.frozen_dtype, "flow_dtype": options.flow_dtype,
+        "flow_resolution": options.flow_resolution, "embed_dim": embed_dim,
         "decode_backend": backend, "unit_frames": options.unit_frames,
         "image_shards": {"split": d.split, "shards": image_shard_identity(image_manifest, d.split)},
         "networks": networks,
@@ -203,7 +209,10 @@ class UnitWriter:
                      for i in range(v.num_frames - step)]
             if pairs:
                 sources, targets = torch.tensor(pairs, device=self.device).unbind(1)
-                flows[step] = iter(self.encoder.flows(everything, sources, targets).cpu())
+                computed = self.encoder.flows(everything, sources, targets)
+                if self.args["flow_resolution"] == "eighth":
+                    computed = resize_flows(computed, (self.args["height"] // 8, self.args["width"] // 8))
+                flows[step] = iter(computed.cpu())
         tick = self._account("raft", tick)
         moments, embeds = moments.cpu(), embeds.cpu()
         members, layout = [], []
