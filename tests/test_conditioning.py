@@ -274,3 +274,22 @@ def test_approximate_cache_is_refused_unless_asked_for_and_reads_as_stated(tiny_
         expected = resize_flows(resize_flows(flows, (16, 16)).half(), (128, 128))
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert conditioner(batch, step_generator(7, 0, 0, 0, torch.device("cpu"))).flows_forward.shape == online[0].shape
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU machine)"))])
+def test_dali_delivers_the_same_records_as_the_cpu_backend(tiny_pipeline, image_shards, reference, device):
+    """The DALI graph carries the cache's records as extra outputs (on the GPU: copied there as whole
+    batches); the features equal the PIL backend's bit for bit."""
+    pytest.importorskip("nvidia.dali")
+    cfg = validate(compose_experiment(experiment(tiny_pipeline, image_shards, **{
+        "experiment.data.conditioning": reference, "experiment.data.batch_size": 2, "experiment.data.num_workers": 1})))
+    cache = ConditioningCache.open(reference)
+    pil = ClipLoader(cfg.data, conditioning=cache, backend="cpu")
+    dali = ClipLoader(cfg.data, device=device, conditioning=cache, backend="dali")
+    for _ in range(2):
+        x, y = next(pil)[CLEAN_FEATURES], next(dali)[CLEAN_FEATURES]
+        for name in ("raw_flows_forward", "raw_flows_backward", "latent_moments", "image_embeds"):
+            assert torch.equal(getattr(x, name), getattr(y, name).cpu()), name
+        assert y.latent_moments.device.type == device
+    dali.close()

@@ -132,7 +132,7 @@ def report(summary, runs: list, stats_json: Path | None) -> None:
                  "frames_per_s_per_rank": [r[0] / max(r[1], 1e-9) for r in runs],
                  "first_unit_seconds_per_rank": [units[0][1] if units else None for *_, units in runs],
                  "steady_frames_per_s_per_rank": steady,
-                 "steady_frames_per_s": sum(steady),
+                 "steady_frames_per_s": sum(steady) if steady else None,  # None: one unit per rank
                  "phase_seconds_rank0": runs[0][2],
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "totals": None if summary.manifest is None else summary.manifest["totals"],
