@@ -203,7 +203,7 @@ class UnitWriter:
         embeds = self.encoder.embeds(everything)
         tick = self._account("clip", tick)
         steps = [steps_in_use(v.num_frames, self.cfg.data) for v in videos]
-        flows = {}
+        flows = {}  # per step, the flows of every pair in video then frame order: the order the records take them
         for step in sorted(set().union(*steps)):
             pairs = [(starts[k] + i, starts[k] + i + step) for k, v in enumerate(videos) if step in steps[k]
                      for i in range(v.num_frames - step)]
