@@ -119,3 +119,27 @@ def test_ema_names_are_the_state_dicts_under_activation_checkpointing():
     train_step = build(cfg)
     reference = build_random_components("tiny", meta=True).unet
     assert set(train_step.ema.names) == set(updated_parameter_names(reference, "temporal", fast_paths=True))
+
+
+def test_loss_scaler_skips_overflows_and_survives_a_skipped_step(monkeypatch):
+    """The published recipe's loss scaling (parallel.autocast=float16, CUDA's), exercised with a scaler on
+    the CPU: an overflow is the scaler's skip (counted, the scale halves), not a non-finite error; a
+    skipped non-finite step leaves it ready; its state goes into the checkpoint's state.json and back."""
+    import fff_vdi.train.step as step_module
+
+    train_step = build(tiny_config(nonfinite="skip"))
+    train_step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows the float32 gradients' norm
+    before = [p.detach().clone() for p in train_step.params]
+    out = train_step(iter([clip_batch(0)]), 0)
+    assert not out.updated and train_step.overflow_skips == 1 and train_step.nonfinite_skips == 0
+    assert train_step.scaler.get_scale() == 2.0**39 and all(torch.equal(a, p) for a, p in zip(before, train_step.params))
+    edm_loss = step_module.edm_loss
+    monkeypatch.setattr(step_module, "edm_loss", lambda *a, **k: edm_loss(*a, **k) * float("nan"))
+    out = train_step(iter([clip_batch(1)]), 1)
+    assert not out.updated and train_step.nonfinite_skips == 1 and train_step.scaler.get_scale() == 2.0**38
+    state = train_step.state_dict()
+    assert state["grad_scaler"]["scale"] == 2.0**38
+    fresh = build(tiny_config())
+    fresh.scaler = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(state)
+    assert fresh.scaler.get_scale() == 2.0**38 and fresh.nonfinite_skips == 1

@@ -133,6 +133,7 @@ class TrainStep:
         updated = False
         if not math.isfinite(loss_value) or (overflow and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # with loss scaling: a smaller scale, and the scaler ready for the next unscale_
             self._on_nonfinite(step, loss_value, norm_value)
         else:
             self.scaler.step(self.optimizer)  # with loss scaling: no update when the gradients overflowed
