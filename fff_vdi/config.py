@@ -31,13 +31,17 @@ class ModelConfig:
     # whose configs to use); for benchmarks and tests, no download.
     random_init: Optional[str] = None
     raft_iters: int = 20
-    # The CLIP/VAE/RAFT/flow-completion networks run frozen in this dtype ("bfloat16" or "float32").
+    # < 1 (not the published recipe): RAFT and flow completion on frames resized by this factor, the
+    # flows resized back and rescaled to full-resolution pixels (cost falls with its square; at 0.5
+    # RAFT estimates flow on a 1/16 grid, coarser than the 1/8 latents).
+    flow_scale: float = 1.0
+    # The CLIP/VAE/RAFT/flow-completion networks run frozen in this dtype ("bfloat16", "float32", "float16").
     frozen_dtype: str = "bfloat16"
 
 
 @dataclass
 class RectangleMaskConfig:
-    """The paper's moving rectangles (see docs: 'Training masks')."""
+    """The paper's moving rectangles (docs/FFF-VDI.md, 'Training masks')."""
 
     min_size: float = 0.2  # of H and W
     max_size: float = 0.8
@@ -113,7 +117,7 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The published training objective (docs: 'One training step')."""
+    """The published training objective (docs/FFF-VDI.md, 'One training step')."""
 
     p_mean: float = 0.7
     p_std: float = 1.6
@@ -148,16 +152,21 @@ class ParallelConfig:
     compile_frozen: bool = False  # also compile the frozen networks' heavy parts (VAE encoder, RAFT, flow completion)
     force_channels_last: bool = True  # with compile: inductor's channels-last layout for every conv graph
     fast_paths: bool = True  # exact rewrites of UNet hot paths (fff_vdi/models/fast_paths.py)
-    fsdp: bool = True  # False only for debugging: the UNet is then cast to mixed_precision whole
-    reshard_after_forward: bool = True
+    # False: one process, the UNet cast to mixed_precision whole (debugging, the published recipe).
+    fsdp: bool = True
+    reshard_after_forward: bool = True  # False: no second all-gather in backward, the gathered trained parameters held
     # False: the UNet's frozen parameters (trainable=temporal: 1,127M of 1,545M at SVD-XT size) stay
     # out of FSDP, replicated on every rank in mixed_precision: nothing to all-gather for them at each
     # step (2.3 GB in bf16 at SVD-XT size). They then take 2.3 GB per GPU instead of 4.5 GB / GPUs
-    # (fp32 shards), and with trainer.export_at_end rank 0 keeps their loaded values in host memory
-    # (4.5 GB) for the export. True: sharded like the trained ones.
+    # (fp32 shards). True: sharded like the trained ones.
     shard_frozen: bool = False
     hsdp_replicas: int = 1  # >1: HSDP, replicate across this many groups (nodes), shard within
     mixed_precision: str = "bfloat16"  # param dtype of the trained UNet in forward/backward
+    # "float16": the published recipe's mixed precision, the UNet's forward under torch.autocast(float16)
+    # and the loss scaled by a GradScaler (with mixed_precision=float32, fsdp=false; CUDA only: off on the CPU).
+    autocast: str = "off"
+    tf32: bool = True  # TF32 in float32 matmuls (refiner, RAFT correlation); false: torch's default (off)
+    cudnn_benchmark: bool = True  # cuDNN picks convolution algorithms by timing them (off in deterministic mode)
     nccl_timeout_s: int = 600
 
 
@@ -182,8 +191,6 @@ class TrainerConfig:
     gc_every: int = 50  # Python's garbage collector: generation 1 every n steps on every rank (0 = automatic)
     export_at_end: bool = True
     progress_bar: bool = True
-    stop_after_steps: int = 0  # test hook: leave the loop after this many steps (0 = off)
-    inject_nan_at_step: int = -1  # test hook: make the loss non-finite at this (1-based) step
 
 
 @dataclass
@@ -259,6 +266,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     m = cfg.model
     _check(m.raft_iters >= 1, "experiment.model.raft_iters", m.raft_iters, "use 1 or more RAFT iterations")
     _choice("experiment.model.frozen_dtype", m.frozen_dtype, ("bfloat16", "float32", "float16"))
+    _check(0 < m.flow_scale <= 1, "experiment.model.flow_scale", m.flow_scale, "use a factor in (0, 1] (1: full resolution)")
     o = cfg.optim
     _check(o.lr > 0, "experiment.optim.lr", o.lr, "use a positive learning rate")
     _choice("experiment.optim.schedule", o.schedule, ("constant", "cosine"))
@@ -271,6 +279,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _choice("experiment.parallel.activation_checkpointing", p.activation_checkpointing, ("off", "full", "selective"))
     _check(p.selective_every >= 1, "experiment.parallel.selective_every", p.selective_every, "use 1 or more")
     _choice("experiment.parallel.mixed_precision", p.mixed_precision, ("bfloat16", "float32"))
+    _choice("experiment.parallel.autocast", p.autocast, ("off", "float16"))
+    _check(p.autocast == "off" or (p.mixed_precision == "float32" and not p.fsdp), "experiment.parallel.autocast",
+           p.autocast, "autocast runs over float32 parameters in one process: set experiment.parallel.mixed_precision="
+           "float32 and experiment.parallel.fsdp=false, or autocast=off")
     _check(p.hsdp_replicas >= 1, "experiment.parallel.hsdp_replicas", p.hsdp_replicas, "use 1 (plain FSDP) or more")
     t = cfg.trainer
     _check(t.max_steps >= 1, "experiment.trainer.max_steps", t.max_steps, "use 1 or more")

@@ -15,7 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup_env: installing requirements.txt into .venv (a few minutes the first time)"
   pipq -r requirements.txt
   pipq --no-deps --no-build-isolation -e .
-  .venv/bin/python -c "import torch, torchvision, diffusers, transformers, hydra, nvidia.dali, webdataset, torchdata" \
+  .venv/bin/python -c "import torch, torchvision, diffusers, transformers, hydra, nvidia.dali, webdataset" \
     || { echo "setup_env: the environment is incomplete; see pip's output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

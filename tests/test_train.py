@@ -44,11 +44,13 @@ def overrides(pipeline: Path, shards: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def launch(args: list[str], nproc: int, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "launch/train.py", *args]
+def launch(args: list[str], nproc: int, check: bool = True, faults: dict | None = None) -> subprocess.CompletedProcess:
+    """torchrun launch/train.py ARGS; with `faults` (FFF_VDI_TEST_* variables) tests/train_with_faults.py,
+    which injects them."""
+    script = "tests/train_with_faults.py" if faults else "launch/train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=STEP_SECONDS_BUDGET,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(faults or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -151,8 +153,8 @@ def test_loss_falls_when_overfitting_one_clip(tiny_pipeline, synthetic_shards, t
 
 def test_non_finite_loss_stops_every_rank_with_the_step(tiny_pipeline, synthetic_shards, tmp_path):
     run = tmp_path / "nan"
-    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.inject_nan_at_step": 2}),
-                  nproc=2, check=False)
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2, check=False,
+                  faults={"FFF_VDI_TEST_NAN_AT_STEP": "2"})
     assert proc.returncode != 0
     for rank in (0, 1):
         log = (run / "logs" / f"rank-{rank:05d}.log").read_text()
@@ -184,7 +186,7 @@ def test_two_nodes_then_two_resumes_on_one_node_match_the_straight_run(straight_
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     expected = losses(straight_run)
     assert losses(run) == {s: expected[s] for s in (1, 2, 3)}
-    launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.stop_after_steps": 2}), nproc=2)
+    launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2, faults={"FFF_VDI_TEST_STOP_AFTER_STEPS": "2"})
     assert losses(run) == {s: expected[s] for s in (1, 2, 3, 4, 5)}
     launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2)  # one node, 2 processes, to step 6
     assert losses(run) == expected
@@ -200,11 +202,11 @@ def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_p
              "experiment.trainer.grad_accum": 2, "experiment.optim.ema_decay": 0.9,
              "experiment.trainer.async_checkpoint": "true", "experiment.optim.schedule": "cosine",
              "experiment.optim.warmup_steps": 2, "experiment.optim.grad_clip": 0.01,
-             "experiment.trainer.nonfinite": "skip", "experiment.trainer.inject_nan_at_step": 3,
+             "experiment.trainer.nonfinite": "skip",
              "experiment.trainer.max_steps": 4, "experiment.trainer.checkpoint_every": 2,
              "experiment.trainer.export_at_end": "true", "experiment.trainer.validate_every": 4,
              "experiment.trainer.val_steps": 1}
-    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **extra), nproc=2)
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **extra), nproc=2, faults={"FFF_VDI_TEST_NAN_AT_STEP": "3"})
     assert "non-finite loss at step 3" in proc.stderr and "update skipped (1 of 10 allowed skips)" in proc.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]

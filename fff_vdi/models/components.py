@@ -7,6 +7,7 @@ Training, inference and benchmarks get their networks from here only:
   `raft=` / `flow_completion=` paths).
 - `build_random_components("svd_xt" | "tiny" | folder)`: the same networks from bundled configs with
   random weights (or on the meta device), no download.
+- `build_components(model_config)`: one of the two, as the configuration (`experiment.model`) says.
 - `save_pipeline(components, out_dir)`: our layout, written into a temporary folder and renamed.
 
 Pipeline layout: model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors),
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from fff_vdi import __version__
+from fff_vdi.config import ModelConfig
 from fff_vdi.errors import ConfigError, WeightsError
 from fff_vdi.models.flow_completion import FLOW_COMPLETION_FILE, FlowCompletionNet, load_flow_completion
 from fff_vdi.models.loading import (
@@ -208,6 +210,16 @@ def build_random_components(
     # Building under the device context misses tensors made by legacy constructors (diffusers'
     # AlphaBlender uses torch.Tensor([alpha])): move everything explicitly.
     return _placed(components, torch_dtype or torch.float32, target)
+
+
+def build_components(model: ModelConfig, seed: int, device: torch.device | str | None = None) -> Components:
+    """The networks `experiment.model` names: from the pretrained source (on the CPU), or random from
+    bundled configs drawn from `seed` on `device` (initialising 2.5B parameters on a GPU takes seconds,
+    on the CPU minutes; CPU and GPU draw different numbers from one seed)."""
+    if model.random_init:
+        return build_random_components(model.random_init, seed=seed, device=device)
+    return load_components(model.pretrained, revision=model.revision, unet=model.unet, raft=model.raft,
+                           flow_completion=model.flow_completion)
 
 
 def _read_json(path: Path) -> dict:

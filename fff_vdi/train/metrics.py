@@ -51,6 +51,42 @@ def count_train_flops(run_forward_backward: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
+_FLOPS: dict[tuple, int] = {}
+
+
+def unet_train_flops(unet_config: dict, trainable: str, batch: int, frames: int, height: int, width: int,
+                     fast_paths: bool = False) -> int:
+    """FLOPs of one UNet forward + backward of `batch` clips at the training shapes, with the
+    parameters of the `trainer.trainable` rule trained, counted on the meta device without
+    activation checkpointing (no recomputation counted). MFU counts the published model's work
+    (`fast_paths` False); with `fast_paths` the count is the work as run (fast_paths.py removes some)."""
+    key = (json.dumps(unet_config, sort_keys=True, default=str), trainable, batch, frames, height, width, fast_paths)
+    if key in _FLOPS:
+        return _FLOPS[key]
+    from fff_vdi.models.fast_paths import apply_fast_paths
+    from fff_vdi.models.unet import FFFVDIUNet
+    from fff_vdi.train.optim import mark_trainable
+
+    with torch.device("meta"):
+        # diffusers makes a few parameters with torch.Tensor([...]), which ignores the device context.
+        unet = FFFVDIUNet.from_config(unet_config).to("meta")
+        if fast_paths:
+            apply_fast_paths(unet)
+        mark_trainable(unet, trainable)
+        h, w = height // 8, width // 8
+        sample = torch.randn(batch, frames, 2 * unet.config.out_channels, h, w)
+        masks = torch.zeros(batch, frames, 1, height, width)
+        flows = (torch.zeros(batch, frames - 1, 2, height, width),) * 2
+        embeds = torch.randn(batch, 1, unet.config.cross_attention_dim)
+
+    def run():
+        with torch.device("meta"):  # tensors the model creates inside forward land on meta too
+            unet(sample, masks, flows, torch.ones(batch), embeds, torch.ones(batch, 3)).float().square().mean().backward()
+
+    _FLOPS[key] = count_train_flops(run)
+    return _FLOPS[key]
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

@@ -37,7 +37,7 @@ def to_uint8(frames_tchw: torch.Tensor) -> np.ndarray:
 
 
 class Validator:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, dist: DistInfo, conditioner, components):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, dist: DistInfo, components):
         self.cfg, self.dist = cfg, dist
         self.out_dir = run_dir / "validation"
         splits = load_manifest(Path(cfg.data.shards))["splits"]
@@ -48,8 +48,7 @@ class Validator:
         # Fixed clips: the stream's first positions, one clip per batch, no augmentation.
         self.data_cfg = replace(cfg.data, split=split, batch_size=1, num_workers=0, hflip_prob=0.0,
                                 crop_scale=[1.0, 1.0], backend="cpu")
-        self.components = components
-        self.conditioner = conditioner
+        self.components = components  # the frozen networks as the step's conditioner placed them
 
     def run(self, unet, step: int, metrics) -> dict:
         t = self.cfg.trainer
