@@ -199,7 +199,7 @@ class Trainer:
             self.nonfinite_skips = int(trainer_state.get("nonfinite_skips", 0))
             log.info("resumed from %s at step %d (data position %d)", resume, self.step, self.loader.position)
 
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main, start_step=self.step)
         self.heartbeat = Heartbeat(self.dist.rank, t.heartbeat_s)
         self.validator = None
         if t.validate_every > 0:
