@@ -4,12 +4,16 @@
         experiment.data.shards=/data/ytvos-shards [more Hydra overrides]
 
 A plain `python launch/train.py ...` runs as one process. See README.md and launch/*.sbatch.
+Arguments are Hydra overrides of configs/ (composed with Hydra's compose API, strict for every key).
+Exit status: 0 done (or saved on preemption), 2 a configuration error (one line naming the key),
+1 an error during training.
 """
 
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from fff_vdi.train.preemption import PreemptionFlag  # noqa: E402 (standard library only: imports in ms)
 
@@ -17,24 +21,23 @@ from fff_vdi.train.preemption import PreemptionFlag  # noqa: E402 (standard libr
 # first step boundary instead of killing this rank (and, through the collectives, the job).
 PREEMPTION = PreemptionFlag().install()
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from fff_vdi.config import ExperimentConfig, register_configs  # noqa: E402
-
-register_configs()
+from fff_vdi.config import compose_experiment  # noqa: E402
+from fff_vdi.errors import FFFVDIError  # noqa: E402
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    try:
+        experiment, resolved = compose_experiment(REPO / "configs", argv)
+    except FFFVDIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from fff_vdi.train.trainer import run_training
 
-    experiment: ExperimentConfig = OmegaConf.to_object(cfg.experiment)
-    resolved = OmegaConf.to_yaml(cfg.experiment, resolve=True)
-    code = run_training(experiment, resolved_yaml=resolved, preemption=PREEMPTION)
-    if code:
-        sys.exit(code)  # hydra.main drops return values: exit here so torchrun and Slurm see failures
+    return run_training(experiment, resolved_yaml=resolved, preemption=PREEMPTION)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
