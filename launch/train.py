@@ -5,10 +5,11 @@
 
 A plain `python launch/train.py ...` runs as one process. See README.md and launch/*.sbatch.
 Arguments are Hydra overrides of configs/ (composed with Hydra's compose API, strict for every key).
-Exit status: 0 done (or saved on preemption), 2 a configuration error (one line naming the key),
-1 an error during training.
+Exit status: 0 done (or saved on preemption), 2 a configuration or input error found before training
+(one line naming the key; torchrun shows it as the root cause), 1 an error during training.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from fff_vdi.train.preemption import PreemptionFlag  # noqa: E402 (standard libr
 PREEMPTION = PreemptionFlag().install()
 
 from fff_vdi.config import compose_experiment  # noqa: E402
-from fff_vdi.errors import FFFVDIError  # noqa: E402
+from fff_vdi.errors import FFFVDIError, write_launcher_error  # noqa: E402
+from fff_vdi.train.preflight import check_inputs  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -31,12 +33,18 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         experiment, resolved = compose_experiment(REPO / "configs", argv)
-    except FFFVDIError as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_inputs(experiment)
+    except FFFVDIError as e:  # the same on every rank: printed once per node, given to torchrun by each
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        write_launcher_error(f"error: {e}")
         return 2
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from fff_vdi.train.trainer import run_training
 
-    return run_training(experiment, resolved_yaml=resolved, preemption=PREEMPTION)
+    # record: an unexpected exception's traceback becomes torchrun's root cause too.
+    return record(run_training)(experiment, resolved_yaml=resolved, preemption=PREEMPTION)
 
 
 if __name__ == "__main__":

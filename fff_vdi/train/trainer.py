@@ -29,7 +29,7 @@ from fff_vdi.distributed.env import (
     shutdown,
 )
 from fff_vdi.distributed.parallelize import frozen_originals, parallelize_unet
-from fff_vdi.errors import FFFVDIError
+from fff_vdi.errors import FFFVDIError, write_launcher_error
 from fff_vdi.models.components import Components, build_random_components, load_components
 from fff_vdi.train.checkpoint import Checkpointer, resolve_resume
 from fff_vdi.train.export import export_pipeline
@@ -359,6 +359,7 @@ def run_training(cfg: ExperimentConfig, resolved_yaml: str = "", preemption: Pre
     except FFFVDIError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
+        write_launcher_error(f"error: {e}")
         return 1
     finally:
         preemption.uninstall()
