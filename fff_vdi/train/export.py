@@ -56,7 +56,9 @@ def export_from_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path,
     """Load the run's base networks (from its config.yaml), apply a checkpoint's trained tensors,
     write a pipeline folder. Runs in one process on the CPU. `out_dir` as in save_pipeline, checked
     before anything is loaded."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from fff_vdi.config import ExperimentConfig
     from fff_vdi.train.checkpoint import list_checkpoints, resolve_resume
@@ -67,8 +69,12 @@ def export_from_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path,
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FFFVDIError(f"{config_file} is missing: --run must be a training run folder (it holds config.yaml and checkpoints/)")
-    cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
-                                                                 OmegaConf.load(config_file)))
+    try:
+        cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
+                                                                     OmegaConf.load(config_file)))
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise FFFVDIError(f"{config_file} is not the config.yaml of a training run of this version "
+                          f"({str(e).splitlines()[0]}): --run must be a run folder written by launch/train.py") from None
     root = run_dir / "checkpoints"
     path = resolve_resume(root, str(root / checkpoint) if checkpoint else "auto")
     if path is None:
