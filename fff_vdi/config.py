@@ -253,6 +253,9 @@ def compose_experiment(config_dir: str | Path, overrides: list[str]) -> tuple[Ex
     return validate(experiment), resolved
 
 
+FROM_CONFIGS = "<set in configs/>"  # the value shown for a key that no override set
+
+
 def _split_override(override: str) -> tuple[str, str]:
     key, _, value = override.lstrip("+~").partition("=")
     return key, value
@@ -308,10 +311,10 @@ def _omegaconf_error(error, values: dict[str, str]) -> FFFVDIError:
         for part in parent.split(".") if parent else ():
             node = getattr(node, part, None)
         if is_dataclass(node):
-            return _unknown_key_error(key, node, parent, values.get(key, "?"))
+            return _unknown_key_error(key, node, parent, values.get(key, FROM_CONFIGS))
     if isinstance(error, MissingMandatoryValue):
         return ConfigError(key, "???", f"it has no default: set it, e.g. on the command line ({key}=...)")
-    return ConfigError(key, values.get(key, "?"), _first_line(getattr(error, "msg", str(error))))
+    return ConfigError(key, values.get(key, FROM_CONFIGS), _first_line(getattr(error, "msg", str(error))))
 
 
 def _composition_error(error, values: dict[str, str]) -> FFFVDIError:

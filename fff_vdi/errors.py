@@ -41,7 +41,8 @@ def write_launcher_error(message: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    extra = {"py_callstack": message, "timestamp": str(int(time.time()))}
+    record = {"message": {"message": message, "extraInfo": extra}}
     try:
         with open(path, "w") as f:
             json.dump(record, f)

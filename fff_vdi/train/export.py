@@ -73,8 +73,8 @@ def export_from_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path,
         cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
                                                                      OmegaConf.load(config_file)))
     except (OmegaConfBaseException, yaml.YAMLError) as e:
-        raise FFFVDIError(f"{config_file} is not the config.yaml of a training run of this version "
-                          f"({str(e).splitlines()[0]}): --run must be a run folder written by launch/train.py") from None
+        raise FFFVDIError(f"{config_file} is not the config.yaml of a training run of this version ("
+                          f"{str(e).splitlines()[0]}): --run must be a run folder written by launch/train.py") from None
     root = run_dir / "checkpoints"
     path = resolve_resume(root, str(root / checkpoint) if checkpoint else "auto")
     if path is None:

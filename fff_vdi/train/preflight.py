@@ -14,14 +14,14 @@ from pathlib import Path
 
 from fff_vdi.config import ExperimentConfig
 from fff_vdi.data.shards import MANIFEST_NAME, load_manifest
-from fff_vdi.errors import ConfigError, InputError
+from fff_vdi.errors import ConfigError, DataError, InputError
 from fff_vdi.utils.atomic import check_can_create
 from fff_vdi.utils.paths import is_hub_repo_id, looked_for_at
 
 
 def check_inputs(cfg: ExperimentConfig) -> None:
-    """Raise an FFFVDIError naming the key (ConfigError; DataError for a broken shard folder, the
-    checkpoint's own error for an incomplete trainer.resume) for the first input that cannot work."""
+    """Raise an FFFVDIError for the first input that cannot work: a ConfigError naming the key (the
+    checkpoint's own error for an incomplete trainer.resume)."""
     check_output_dir(cfg.output_dir)
     check_shards(cfg.data.shards, cfg.data.split)
     check_model(cfg)
@@ -46,7 +46,10 @@ def check_shards(shards: str, split: str) -> None:
     if not root.is_dir():
         raise ConfigError("experiment.data.shards", shards,
                           f"no such folder: {looked_for_at(root)}; set it to a folder written by tools/shard_ytvos.py")
-    splits = load_manifest(root)["splits"]
+    try:
+        splits = load_manifest(root)["splits"]
+    except DataError as e:
+        raise ConfigError("experiment.data.shards", shards, str(e)) from None
     if split not in splits:
         raise ConfigError("experiment.data.split", split,
                           f"{root / MANIFEST_NAME} has the splits {sorted(splits)}: use one of them")
@@ -59,8 +62,8 @@ def check_model(cfg: ExperimentConfig) -> None:
     for key in ("pretrained", "unet"):  # a folder, or a Hugging Face repo id (checked when it is loaded)
         value = getattr(m, key)
         if value and not Path(value).expanduser().is_dir() and not is_hub_repo_id(value):
-            raise ConfigError(f"experiment.model.{key}", value,
-                              f"no such folder: {looked_for_at(value)}; give a pipeline folder or a Hugging Face repo id")
+            raise ConfigError(f"experiment.model.{key}", value, f"no such folder: {looked_for_at(value)}; "
+                              "give a pipeline folder or a Hugging Face repo id")
     for key in ("raft", "flow_completion"):  # local weight files (or folders holding them)
         value = getattr(m, key)
         if value and not Path(value).expanduser().exists():
