@@ -21,7 +21,7 @@ import torch
 from fff_vdi.config import ExperimentConfig, validate
 from fff_vdi.data.loader import ClipLoader
 from fff_vdi.distributed.env import DistInfo, barrier, init_distributed, shutdown
-from fff_vdi.errors import FFFVDIError
+from fff_vdi.errors import FFFVDIError, write_launcher_error
 from fff_vdi.models.components import build_components
 from fff_vdi.train.checkpoint import Checkpointer, resolve_resume, step_dir
 from fff_vdi.train.export import export_pipeline
@@ -111,7 +111,7 @@ class Trainer:
             s.load_state_dict(trainer_state)
             log.info("resumed from %s at step %d (data position %d)", resume, self.step, self.loader.position)
 
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main, start_step=self.step)
         self.heartbeat = Heartbeat(self.dist.rank, t.heartbeat_s)
         self.validator = None
         if t.validate_every > 0:
@@ -221,6 +221,7 @@ def run_training(cfg: ExperimentConfig, resolved_yaml: str = "", preemption: Pre
     except FFFVDIError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
+        write_launcher_error(f"error: {e}")
         return 1
     finally:
         preemption.uninstall()
