@@ -8,6 +8,7 @@ trainer's under torchrun (the root cause it prints is ours) and from another fol
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from conftest import REPO, run_tool, snapshot
 
 # The first word of each tool's error line.
 ERROR_PREFIXES = ("error:", "export:", "verify:", "preview:")
-SHARDER_PACKAGE = "sharder package (issue 17.5/17.7)"
+ARGPARSE_ERROR = re.compile(r"^\S+: error: ")  # argparse's line for a bad argument (after its usage line)
 
 
 @dataclass
@@ -142,10 +143,8 @@ CASES = [
          lambda i: (["--src", str(i.videos), "--out", str(i.folder("mine", {"notes.txt": "mine"}))],
                     ["mine", "notes.txt"])),
     Case("shard/out-unwritable", SHARD,
-         lambda i: (["--src", str(i.videos), "--out", str(i.needs_unwritable() / "out")], ["out"]),
-         marks=[pytest.mark.xfail(strict=True, reason=SHARDER_PACKAGE)]),
-    Case("verify/typo", SHARD, lambda i: (["--verify", str(i.root / "shardz")], ["shardz"]), absent=("--resume",),
-         marks=[pytest.mark.xfail(strict=True, reason=SHARDER_PACKAGE)]),
+         lambda i: (["--src", str(i.videos), "--out", str(i.needs_unwritable() / "out")], ["out"])),
+    Case("verify/typo", SHARD, lambda i: (["--verify", str(i.root / "shardz")], ["shardz"]), absent=("--resume",)),
     Case("verify/truncated-shard", SHARD,
          lambda i: (["--verify", str(truncated(sorted(i.shard_copy().glob("train-*.tar"))[0], 3000).parent)],
                     ["problems in", "shards"]), code=1),
@@ -156,8 +155,7 @@ CASES = [
     Case("preview/out-unwritable", PREVIEW,
          lambda i: (["--shards", str(i.shards), "--out", str(i.needs_unwritable() / "p.png"), "--device", "cpu",
                      "--batches", "1", "--frames", "2", "--height", "64", "--width", "64", "--workers", "0"],
-                    ["p.png"]),
-         marks=[pytest.mark.xfail(strict=True, reason=SHARDER_PACKAGE)]),
+                    ["p.png"])),
     # -- the trainer: every row fails before torch is imported -----------------------------------------
     Case("train/typo-key", TRAIN, lambda i: (train_args(i, **{"experiment.optim.lrr": 1}),
                                             ["experiment.optim.lrr", "did you mean experiment.optim.lr"]),
@@ -253,7 +251,7 @@ def test_bad_input_gets_one_line_naming_it_and_changes_nothing(case, tiny_pipeli
     proc = run_tool(*case.tool, *args, check=False)
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output, output[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERROR_PREFIXES)]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERROR_PREFIXES) or ARGPARSE_ERROR.match(line)]
     assert len(errors) == 1, output[-3000:]
     assert all(c in errors[0] for c in culprits), errors[0]
     assert not any(a in errors[0] for a in case.absent), errors[0]
