@@ -74,13 +74,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def agree_any(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (stop, save and skip decisions)."""
+def agree_max(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value`, on every rank (stop, save and skip decisions)."""
     if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

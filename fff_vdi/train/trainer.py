@@ -22,7 +22,6 @@ from fff_vdi.config import ExperimentConfig, validate
 from fff_vdi.data.loader import ClipLoader
 from fff_vdi.distributed.env import (
     DistInfo,
-    agree_any,
     all_reduce_mean,
     barrier,
     init_distributed,
@@ -45,7 +44,7 @@ from fff_vdi.train.optim import (
     trainable_parameters,
     updated_parameter_names,
 )
-from fff_vdi.train.preemption import PreemptionFlag, requeue_slurm_job
+from fff_vdi.train.preemption import PreemptionFlag, requeue_after
 from fff_vdi.utils.atomic import atomic_write_text
 
 log = logging.getLogger("fff_vdi.train")
@@ -296,14 +295,14 @@ class Trainer:
                     progress.set_postfix(loss=f"{out['loss']:.4f}")
                 if self.validator is not None and self.step % t.validate_every == 0:
                     self.validator.run(self.unet, self.step, self.metrics)
-                preempted = agree_any(self.preemption.requested, self.device)
+                preempted = self.preemption.agree(self.device)  # the signal every rank acts on, or None
                 if preempted or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                     self.save()
                     gc_schedule.collect_all()
                 if preempted:
-                    log.info("preemption signal (%s): saved step %d, exiting", self.preemption.signal_name, self.step)
-                    if self.dist.is_main:
-                        requeue_slurm_job()
+                    self.checkpointer.wait()  # complete before a requeue ends this job
+                    log.info("preemption signal (%s): saved step %d, exiting", preempted.name, self.step)
+                    requeue_after(preempted, self.dist.is_main)
                     return 0
                 if t.stop_after_steps and steps_this_run >= t.stop_after_steps:
                     log.info("stop_after_steps=%d reached at step %d", t.stop_after_steps, self.step)
