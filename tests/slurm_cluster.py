@@ -45,7 +45,7 @@ CPUS_PER_NODE = 64  # what the templates ask for (--cpus-per-task=64); slurmd is
 # Timers of the test cluster (seconds). cred_expire also delays a requeued job's restart (Slurm's default:
 # 120); SlurmdTimeout is how long a silent node takes to be marked DOWN (default 300).
 CRED_EXPIRE_S = 5
-SLURMD_TIMEOUT_S = 10
+SLURMD_TIMEOUT_S = 5
 KILL_WAIT_S = 30  # SIGTERM -> SIGKILL (Slurm's default): time for the save on scancel
 
 

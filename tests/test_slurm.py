@@ -90,12 +90,11 @@ def wait_for_job(cluster: SlurmCluster, job: str, output: Path, states: set[str]
                         state(cluster, job, output, states)), timeout_s)
 
 
-def wait_for_step(cluster: SlurmCluster, job: str, output: Path, run: Path, step: int) -> None:
-    """Until rank 0 logged `step` (and the job still runs)."""
+def wait_for_step(cluster: SlurmCluster, job: str, output: Path, step: int) -> None:
+    """Until the job's rank 0 logged `step` (log_every=1) in its output, while the job runs."""
     def logged():
         state(cluster, job, output, set())
-        path = run / "metrics.jsonl"
-        return path.exists() and path.read_text().endswith("\n") and max(losses(run)) >= step
+        return output.exists() and f"fff_vdi.train: step {step}: loss" in output.read_text()
 
     wait_for(f"job {job} logging step {step}", logged, JOB_TIMEOUT_S, poll_s=0.2)
 
@@ -130,9 +129,11 @@ def warn_before_time_limit(cluster: SlurmCluster, job: str, output: Path, nodes:
     start = datetime.fromisoformat(cluster.job(job)["StartTime"]).timestamp()
     minutes = (time.time() - start + LEAD_S + 30) // 60  # end - now in (LEAD_S - 30, LEAD_S + 30] s
     cluster.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={int(minutes)}"])
-    wait_for(f"job {job}: USR1 forwarded on {nodes} node(s)",
-             lambda: len(re.findall(r"SIGUSR1 sent to \d+ training process", output.read_text())) >= nodes,
-             60 + LEAD_S - 30, poll_s=0.2)
+    def forwarded():
+        state(cluster, job, output, set())  # a batch shell without the trap dies of the USR1
+        return len(re.findall(r"SIGUSR1 sent to \d+ training process", output.read_text())) >= nodes
+
+    wait_for(f"job {job}: USR1 forwarded on {nodes} node(s)", forwarded, 60 + LEAD_S - 30, poll_s=0.2)
     cluster.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={TIME_LIMIT_MIN}"])
 
 
@@ -161,7 +162,7 @@ def test_one_node_usr1_checkpoint_requeue_resume(cluster, reference, tiny_pipeli
     # Checkpoints only on the signal and at the end: the resume can only come from the signal's.
     args = run_args(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.checkpoint_every": 1000})
     job = submit(cluster, "train_1node.sbatch", output, args, "--gpus-per-node=2")
-    wait_for_step(cluster, job, output, run, 1)
+    wait_for_step(cluster, job, output, 1)
     with frozen(run) as workers:
         node = cluster.job(job)["NodeList"]
         assert [cluster.node_of(p) for p in workers] == [node, node]
@@ -193,7 +194,7 @@ def test_two_nodes_requeue_then_node_crash_then_one_node_resume(cluster, referen
     run, output = tmp_path / "run", tmp_path / "job.out"
     args = run_args(tiny_pipeline, synthetic_shards, run)  # a checkpoint after every step
     job = submit(cluster, "train_multinode.sbatch", output, args, "--nodes=2", "--gpus-per-node=1")
-    wait_for_step(cluster, job, output, run, 1)
+    wait_for_step(cluster, job, output, 1)
     with frozen(run) as workers:
         assert sorted(cluster.node_of(p) for p in workers) == ["node1", "node2"]
         rendezvous = {n: cluster.run(["ss", "-Hltn", "sport = :29500"], node=n).stdout.strip() for n in cluster.nodes}
@@ -201,7 +202,7 @@ def test_two_nodes_requeue_then_node_crash_then_one_node_resume(cluster, referen
         warn_before_time_limit(cluster, job, output, nodes=2)
     wait_for(f"job {job} requeued", lambda: state(cluster, job, output, set())["Restarts"] == "1", JOB_TIMEOUT_S)
     step = saved_step(run, ranks=2)
-    wait_for_step(cluster, job, output, run, step + 1)
+    wait_for_step(cluster, job, output, step + 1)
     text = output.read_text()
     for node in cluster.nodes:
         assert f"{node}: SIGUSR1 sent to 1 training process(es)" in text
@@ -228,7 +229,7 @@ def test_two_nodes_requeue_then_node_crash_then_one_node_resume(cluster, referen
         cluster.run(["scancel", job])  # it would wait for two nodes; a user goes on with one
         output = tmp_path / "one_node.out"
         job = submit(cluster, "train_1node.sbatch", output, args, "--gpus-per-node=2")
-        wait_for_step(cluster, job, output, run, last + 1)
+        wait_for_step(cluster, job, output, last + 1)
         # ... and cancels that job: Slurm's SIGTERM saves the step under way, and the job stays cancelled.
         cluster.run(["scancel", job])
         wait_for("the cancelled job's training processes to end", lambda: no_training_left(run), JOB_TIMEOUT_S)
