@@ -1,13 +1,15 @@
 """A real Slurm cluster on this machine for the tests of the sbatch templates (tests/test_slurm.py).
 
-Debian's slurm-wlm (22.05) and munge, installed with apt-get if missing. Every node is a network
-namespace with its own address on a private subnet (a veth pair joins the two; nothing is added to
-the machine's own network namespace), its own hostname (a UTS namespace) and an /etc/hosts that maps
-the node names to those addresses (a private bind mount), so that `hostname`, name resolution and
-torchrun's rendezvous behave as on separate hosts. The controller and the client commands run on the
-first node (the login node); munged serves every node through a socket in the cluster's folder.
-Everything (configuration, state, spool, logs, munge key and socket) lives in that folder, and `stop`
-(also after a failed start) leaves no daemon, namespace or interface behind.
+Debian's slurm-wlm (22.05) and munge, installed with apt-get if missing. Each of the two nodes is a
+set of namespaces: network (its own address on a private subnet; a veth pair joins the two, and
+nothing is added to the machine's own network namespace), UTS (its hostname), mount (an /etc/hosts
+mapping the node names to their addresses) and, for slurmd and everything it starts, PID (the
+node's processes see only each other). So `hostname`, name resolution, pgrep and torchrun's
+rendezvous behave as on separate hosts, on a shared file system. The controller and the client
+commands run on the first node (the login node); one munged serves both through its socket.
+Configuration, state, spool, logs and the munge key live in the cluster's folder (kept for a look
+afterwards); `stop`, also after a failed start, leaves no daemon, process, namespace or interface
+behind, and a cluster whose owner was killed is swept away by the next one's start.
 
     with SlurmCluster(Path("/tmp/cluster")) as cluster:
         job = cluster.sbatch(["launch/train_1node.sbatch", ...], cwd=repo)
@@ -20,6 +22,7 @@ Run as a script for a cluster to try things by hand (Ctrl-C stops it):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -28,7 +31,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -38,7 +40,7 @@ from typing import Iterable, Optional
 PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge",
             "ip": "iproute2", "ss": "iproute2", "pgrep": "procps"}
 SUBNET = "10.231.0"  # a private test subnet, only ever configured inside the namespaces
-NETNS_PREFIX = "fffvdi-slurm-"
+PREFIX = "fffvdi-slurm-"  # of the namespaces and the munge socket's folder: /tmp/PREFIX<owner pid>-...
 GPUS_PER_NODE = 8  # count-only GPU resources, so that the templates' --gpus-per-node=8 is accepted
 CPUS_PER_NODE = 64  # what the templates ask for (--cpus-per-task=64); slurmd is told to believe it
 
@@ -120,26 +122,27 @@ def _end(*procs: subprocess.Popen, grace_s: float = 10) -> None:
             proc.wait()
 
 
-def _terminate_with_parent() -> None:
-    """In a child before exec: SIGTERM when the process that started it dies (PR_SET_PDEATHSIG, kept
-    across exec), so that a killed test run leaves no daemon behind."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+def _killed_with_parent() -> None:
+    """In a child before exec: SIGKILL when the process that started it dies (PR_SET_PDEATHSIG, kept
+    across exec), so that a killed test run leaves no daemon behind (nor, through the nodes' PID
+    namespaces, any job process)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def sweep_abandoned_namespaces() -> None:
-    """Namespaces of clusters whose owner died without stopping them (SIGKILL): kill what still runs
-    in them (job processes, which no daemon's death ends) and delete them."""
-    netns_dir = Path("/run/netns")
-    for ns in netns_dir.glob(f"{NETNS_PREFIX}*") if netns_dir.is_dir() else []:
-        owner = ns.name[len(NETNS_PREFIX):].split("-")[0]
-        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            out = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout
-            for pid in out.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "delete", ns.name], check=False)
+def sweep_abandoned() -> None:
+    """Namespaces and munge folders of clusters whose owner died without stopping them (SIGKILL):
+    kill what still runs in the namespaces, delete them and the folders."""
+    for path in [*Path("/run/netns").glob(f"{PREFIX}*"), *Path("/tmp").glob(f"{PREFIX}*")]:
+        owner = path.name[len(PREFIX):].split("-")[0]
+        if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+            continue
+        if path.parent == Path("/tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        for pid in subprocess.run(["ip", "netns", "pids", path.name], capture_output=True, text=True).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "delete", path.name], check=False)
 
 
 class SlurmCluster:
@@ -150,13 +153,12 @@ class SlurmCluster:
         self.nodes = ["node1", "node2"]
         self.address = {n: f"{SUBNET}.{i}" for i, n in enumerate(self.nodes, start=1)}
         # Namespace names are machine-wide: unique to this cluster, with the owner's pid for the sweep.
-        tag = f"{NETNS_PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
+        tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
         self.netns = {n: f"{tag}-{n}" for n in self.nodes}
         self.conf = self.root / "slurm.conf"
         # munged wants every folder above its socket searchable by all (pytest's temporary folders are
-        # not): the socket goes to a folder of its own in /tmp, removed by `stop`.
-        self.munge_socket = Path(tempfile.mkdtemp(prefix=NETNS_PREFIX, dir="/tmp")) / "munge.sock"
-        self.munge_socket.parent.chmod(0o755)
+        # not): the socket goes to a folder of its own in /tmp, removed by `stop` (or the sweep).
+        self.munge_socket = Path("/tmp") / tag / "munge.sock"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_")) and v != "SLURM_CONF"]:
             del self.env[var]  # a test run inside a Slurm job must not leak its job's settings
@@ -173,7 +175,7 @@ class SlurmCluster:
 
     def start(self, timeout_s: float = 60) -> None:
         ensure_packages()
-        sweep_abandoned_namespaces()
+        sweep_abandoned()
         try:
             self._write_files()
             self._make_network()
@@ -204,6 +206,11 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 pass  # the namespace sweep below ends the jobs' processes anyway
         munged = self._daemons.pop("munged", None)
+        # A node's daemon is `unshare --fork`, which ignores SIGTERM; its death (--kill-child) kills
+        # slurmd, the PID namespace's first process, and with it everything on the node.
+        for name, proc in self._daemons.items():
+            if name.startswith("slurmd-") and proc.poll() is None:
+                proc.kill()
         _end(*self._daemons.values())
         self._daemons.clear()
         for node in self.nodes:
@@ -249,10 +256,8 @@ class SlurmCluster:
             if not pids:
                 return
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.2)
 
     def node_of(self, pid: int) -> Optional[str]:
@@ -317,6 +322,7 @@ class SlurmCluster:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
             (self.root / "spool" / node).mkdir(exist_ok=True)
+        self.munge_socket.parent.mkdir(mode=0o755)
         key = self.root / "munge.key"
         key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o600)
@@ -390,12 +396,12 @@ GresTypes=gpu
 
     def _spawn(self, name: str, node: Optional[str], cmd: list[str], own_pids: bool = False) -> subprocess.Popen:
         """A daemon in the foreground, on `node` (None: this machine), in a session of its own (a Ctrl-C or
-        `timeout` signalling our process group must not stop it before `stop` cancels the jobs), that
-        gets SIGTERM when we die."""
+        `timeout` signalling our process group must not stop it before `stop` cancels the jobs), killed
+        when we die."""
         with open(self.root / f"{name}.stderr", "ab") as log:
             return subprocess.Popen(self.on(node, cmd, own_pids) if node else cmd, env=self.env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_terminate_with_parent)
+                                    preexec_fn=_killed_with_parent)
 
 
 def main() -> None:
