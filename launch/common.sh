@@ -30,9 +30,7 @@ forward_usr1() {
     sent=0
     for agent in $(pgrep -f "[t]orchrun.*launch/train.py"); do
       [ "$(cat "/proc/$agent/comm" 2>/dev/null)" = srun ] && continue
-      if [ -n "${SLURM_JOB_ID:-}" ]; then
-        tr "\0" "\n" < "/proc/$agent/environ" 2>/dev/null | grep -qx "SLURM_JOB_ID=$SLURM_JOB_ID" || continue
-      fi
+      tr "\0" "\n" < "/proc/$agent/environ" 2>/dev/null | grep -qx "SLURM_JOB_ID=$SLURM_JOB_ID" || continue
       for worker in $(pgrep -P "$agent"); do kill -USR1 "$worker" && sent=$((sent + 1)); done
     done
     echo "$(date +%T) ${SLURMD_NODENAME:-$(hostname)}: SIGUSR1 sent to $sent training process(es)"' || true
