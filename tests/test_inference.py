@@ -367,3 +367,19 @@ def test_outputs_appear_whole_or_not_at_all(tmp_path):
     with atomic_folder(tmp_path / "out", replace=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.slow
+def test_inpaint_takes_one_mask_image_for_every_frame(capsys, tiny_pipeline, small_video, tmp_path):
+    """A logo or watermark: one mask image, the same hole in every frame."""
+    frames, _ = small_video
+    hole = np.zeros((64, 96), np.uint8)
+    hole[5:15, 60:90] = 255
+    cv2.imwrite(str(tmp_path / "logo.png"), hole)
+    code, err = run_cli(capsys, tiny_pipeline, frames, tmp_path / "logo.png", tmp_path / "out", "--steps", "1", "--raft-iters", "1",
+                        "--height", "128", "--width", "128", "--device", "cpu")
+    assert code == 0, err
+    check_output(tmp_path / "out", 3, [read_rgb(p) for p in sorted(frames.iterdir())], [hole > 0] * 3)
+    assert len(open_masks(tmp_path / "logo.png", num_frames=5)) == 5
+    with pytest.raises(InputError, match="one mask image is not accepted here"):
+        open_masks(tmp_path / "logo.png")
