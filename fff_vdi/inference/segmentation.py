@@ -63,14 +63,17 @@ def check_clicks(objects: Sequence[Sequence[Click]], num_frames: int, height: in
         raise InputError(f"no clicks: give each object at least one click, --points {CLICK_SYNTAX}")
     for number, clicks in enumerate(objects, start=1):
         for click in clicks:
-            if not 0 <= click.frame < num_frames:
-                raise InputError(f"--points {click} (object {number}): frame {click.frame} is not in the video "
-                                 f"(frames 0 to {num_frames - 1})")
-            if not (0 <= click.x < width and 0 <= click.y < height):
-                raise InputError(f"--points {click} (object {number}): ({click.x:g}, {click.y:g}) is outside the "
-                                 f"{width}x{height} frame (x from 0 to {width - 1}, y from 0 to {height - 1})")
+            check_click_position(click, f"--points {click} (object {number})", num_frames, height, width)
         if not any(click.positive for click in clicks):
             raise InputError(f"object {number} has only negative clicks (label 0): add a click on the object (label 1)")
+
+
+def check_click_position(click: Click, where: str, num_frames: int, height: int, width: int) -> None:
+    if not 0 <= click.frame < num_frames:
+        raise InputError(f"{where}: frame {click.frame} is not in the video (frames 0 to {num_frames - 1})")
+    if not (0 <= click.x < width and 0 <= click.y < height):
+        raise InputError(f"{where}: ({click.x:g}, {click.y:g}) is outside the {width}x{height} frame "
+                         f"(x from 0 to {width - 1}, y from 0 to {height - 1})")
 
 
 class VideoSegmenter:
@@ -128,8 +131,9 @@ class VideoSegmenter:
         return processed, int(size[0]), int(size[1])
 
     def _process(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
-        pixels = self.processor.video_processor(videos=[np.stack(frames)], return_tensors="pt").pixel_values_videos[0]
-        return list(pixels.to(self.dtype))
+        """Resized and normalised on the model's device (fast on a GPU), kept on the host."""
+        pixels = self.processor.video_processor(videos=[np.stack(frames)], device=self.device, return_tensors="pt").pixel_values_videos[0]
+        return list(pixels.to("cpu", self.dtype))
 
     def _add_clicks(self, session, objects: dict[int, Sequence[Click]]) -> None:
         """Each clicked frame in order: the clicks of every object clicked there, then SAM2's mask on that frame."""

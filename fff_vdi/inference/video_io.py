@@ -375,18 +375,19 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 class Mp4Writer:
-    """An mp4 (MPEG-4 part 2, 'mp4v': the codec every OpenCV build has) written frame by frame.
+    """An mp4 (MPEG-4 part 2, 'mp4v': the codec every OpenCV build has) written frame by frame; with
+    codec="VP80" and a .webm path, a VP8 WebM (what browsers play; OpenCV's FFmpeg has no H.264 encoder).
 
     Odd frame sizes are padded by one replicated row/column: the encoder needs even sizes and
     would otherwise crop.
     """
 
-    def __init__(self, path: Path, fps: float, height: int, width: int):
+    def __init__(self, path: Path, fps: float, height: int, width: int, codec: str = "mp4v"):
         self.path = path
         self.size = (height + height % 2, width + width % 2)
-        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (self.size[1], self.size[0]))
+        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), float(fps), (self.size[1], self.size[0]))
         if not self.writer.isOpened():
-            raise OSError(f"{path}: OpenCV cannot open an mp4 writer (fps {fps}, {width}x{height}): check the folder and the OpenCV build")
+            raise OSError(f"{path}: OpenCV cannot open a {codec} writer (fps {fps}, {width}x{height}): check the folder and the OpenCV build")
 
     def write(self, rgb: np.ndarray) -> None:
         pad_h, pad_w = self.size[0] - rgb.shape[0], self.size[1] - rgb.shape[1]
@@ -404,14 +405,15 @@ class Mp4Writer:
         self.close()
 
 
-def write_mp4(path: str | Path, frames_thwc: Iterable[np.ndarray], fps: float) -> None:
-    """uint8 RGB frames (H, W, 3) as an mp4, written under a temporary name and renamed when complete."""
+def write_mp4(path: str | Path, frames_thwc: Iterable[np.ndarray], fps: float, codec: str = "mp4v") -> None:
+    """uint8 RGB frames (H, W, 3) as an mp4 (or, with codec="VP80", a .webm), written under a temporary
+    name and renamed when complete."""
     path = Path(path)
     frames = iter(frames_thwc)
     first = next(frames)
     tmp = path.with_name(f"{path.stem}{TMP_MARK}{secrets.token_hex(4)}{path.suffix}")  # OpenCV picks the container by suffix
     try:
-        with Mp4Writer(tmp, fps, *first.shape[:2]) as writer:
+        with Mp4Writer(tmp, fps, *first.shape[:2], codec=codec) as writer:
             writer.write(first)
             for frame in frames:
                 writer.write(frame)
