@@ -62,7 +62,7 @@ from fff_vdi.inference.video_io import (
     to_uint8_rgb,
     write_png,
 )
-from fff_vdi.inference.windows import WindowCallback, WindowedInpainter, default_overlap, plan_windows
+from fff_vdi.inference.windows import BLENDS, WindowCallback, WindowedInpainter, default_overlap, plan_windows
 from fff_vdi.models import Components, load_components
 from fff_vdi.utils.atomic import atomic_folder
 
@@ -93,6 +93,8 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, help="model frame width (multiple of 8, >= 128)")
     p.add_argument("--window", type=int, help="frames per window (default: the UNet config's num_frames)")
     p.add_argument("--overlap", type=int, help="frames shared by consecutive windows (default: window // 4)")
+    p.add_argument("--blend", choices=BLENDS, default=BLENDS[0],
+                   help="how a window takes over from the one before in their overlap (fff_vdi/inference/windows.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (same seed, same output)")
     p.add_argument("--raft-iters", type=int, default=20, help="RAFT refinement iterations")
     p.add_argument("--mask-dilation", type=int, default=0, help="grow every hole by this many pixels first")
@@ -152,12 +154,12 @@ def inpaint(args: argparse.Namespace, components: Components | None = None, prog
                              offload=plan.settings.offload, ff_chunking=plan.settings.ff_chunking,
                              decode_chunk=plan.settings.decode_chunk)
     print(f"{video.path}: {len(video)} frames of {video.width}x{video.height}, inpainted at {size[1]}x{size[0]} "
-          f"in {len(windows)} window(s) of {window} frames (overlap {overlap}), {args.steps} steps, {dtype}, {device}; "
+          f"in {len(windows)} window(s) of {window} frames (overlap {overlap}, {args.blend}), {args.steps} steps, {dtype}, {device}; "
           f"memory: {plan.describe()}", file=sys.stderr)
 
     reporter = contextlib.nullcontext(progress) if progress is not None else terminal_progress(len(windows), sampler.num_unet_calls)
     with reporter as on_step:
-        inpainted = WindowedInpainter(sampler, window, overlap)(frames_thwc, holes_thw, torch.Generator().manual_seed(args.seed), on_step)
+        inpainted = WindowedInpainter(sampler, window, overlap, args.blend)(frames_thwc, holes_thw, torch.Generator().manual_seed(args.seed), on_step)
         with atomic_folder(out, replace=args.overwrite) as tmp:
             write_outputs(tmp, video, masks, inpainted, args)
     return out
