@@ -141,10 +141,18 @@ def make_mask(page) -> None:
     page.locator('#mask-video video[src*="masks.webm"]').wait_for(timeout=JOB_TIMEOUT_MS)
 
 
-def wait_until_playing(page, selector: str) -> None:
-    """The video has its current frame (a screenshot shows a picture, not an empty player)."""
-    page.wait_for_function(f"() => {{ const v = document.querySelector('{selector} video'); return v && v.readyState >= 2; }}",
-                           timeout=30_000)
+def hold_first_frame(page, selector: str) -> None:
+    """The looping player paused on its first frame, once that frame is on screen: the screenshots show
+    the same picture every run (the random SAM2's masks differ from frame to frame)."""
+    player = f"document.querySelector('{selector} video')"
+    page.wait_for_function(f"() => {{ const v = {player}; return v && v.readyState >= 2; }}", timeout=30_000)
+    page.evaluate(f"""() => new Promise(resolve => {{
+        const v = {player};
+        v.pause();
+        v.requestVideoFrameCallback(() => resolve());
+        v.currentTime = 0.001;
+        setTimeout(resolve, 5000);
+    }})""")
 
 
 def download_all(page, folder: Path) -> dict[str, Path]:
@@ -189,7 +197,7 @@ def test_click_mask_inpaint_download_while_a_second_job_queues(browser, app_url,
     make_mask(page)
     wait_for_text(page, "#clicks-text", "Masks made")
     show_frame(page, 0)  # the random SAM2 leaves frame 3, with its "not on the object" click, empty
-    wait_until_playing(page, "#mask-video")
+    hold_first_frame(page, "#mask-video")
     screenshot(page, "4-mask")
 
     # A second user: their SAM2 job must wait for the first user's inpainting (one GPU queue).
@@ -207,8 +215,8 @@ def test_click_mask_inpaint_download_while_a_second_job_queues(browser, app_url,
     screenshot(other, "6-queued")
     page.locator("#downloads a").first.wait_for(timeout=JOB_TIMEOUT_MS)
     page.locator('#comparison video[src*="input_mask_result.webm"]').wait_for(timeout=30_000)
-    wait_until_playing(page, "#comparison")
-    wait_until_playing(page, "#mask-video")
+    hold_first_frame(page, "#comparison")
+    hold_first_frame(page, "#mask-video")
     screenshot(page, "7-result")
 
     files = download_all(page, tmp_path / "downloads")
