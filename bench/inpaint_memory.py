@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from fff_vdi.data.synthetic import Scene  # noqa: E402
 from fff_vdi.inference.memory import GIB, MemorySettings, estimate_peak_bytes, network_bytes, plan_memory  # noqa: E402
 from fff_vdi.inference.video_io import write_png  # noqa: E402
-from fff_vdi.inpaint import build_parser, inference_dtype, inpaint  # noqa: E402
+from fff_vdi.inpaint import build_parser, inference_device, inference_dtype, inpaint  # noqa: E402
 from fff_vdi.models import build_random_components  # noqa: E402
 from fff_vdi.utils.atomic import atomic_write_json  # noqa: E402
 
@@ -146,6 +146,7 @@ def cap_memory(device: torch.device, cap_gib: float) -> dict:
     """Cap PyTorch's allocator on `device` at cap_gib (as a card of that size would, less its CUDA context)."""
     if device.type != "cuda":
         return {"card": "cpu", "cap_gib": None}
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
     return {"card": torch.cuda.get_device_name(device), "total_gib": total / GIB, "cap_gib": cap_gib}
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--time-budget-s", type=float, default=480, help="no run starts after this many seconds")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = inference_device(args.device)
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:

@@ -185,6 +185,8 @@ def inference_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: no CUDA device is visible to PyTorch; pass --device cpu (slow) or fix the CUDA setup")
+    if device.type == "cuda" and device.index is None:  # per-device calls (the memory cap) need the index
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
