@@ -104,9 +104,13 @@ def inpaint_run(components, clip: tuple[Path, Path], size: tuple[int, int], conf
     if settings:
         cli += ["--offload", SWITCH[settings.offload], "--ff-chunking", SWITCH[settings.ff_chunking],
                 "--decode-chunk", str(settings.decode_chunk)]
+    budget = None
+    if device.type == "cuda":  # the cap as the command's own budget (older PyTorch cannot read the fraction back)
+        cli += ["--gpu-memory", str(args.cap_gib)]
+        budget = int(min(args.cap_gib * GIB, torch.cuda.get_device_properties(device).total_memory))
     dtype = inference_dtype(device, None)
     weights = network_bytes(components, dtype)
-    plan = plan_memory(device, weights, height, width, args.frames, **({} if not settings else {
+    plan = plan_memory(device, weights, height, width, args.frames, budget_bytes=budget, **({} if not settings else {
         "offload": settings.offload, "ff_chunking": settings.ff_chunking, "decode_chunk": settings.decode_chunk}))
     record = {"config": config, "height": height, "width": width, "frames": args.frames, "settings": plan.settings.describe(),
               "estimate_gib": estimate_peak_bytes(weights, height, width, args.frames, plan.settings) / GIB}
