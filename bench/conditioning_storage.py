@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from fff_vdi.conditioning.format import DTYPES, RecordShapes, resize_flows  # noqa: E402
 from fff_vdi.conditioning.frames import decoded_videos  # noqa: E402
-from fff_vdi.config import compose_experiment  # noqa: E402
+from fff_vdi.config import REPO_ROOT, compose_experiment  # noqa: E402
 from fff_vdi.data.loader import resolve_backend  # noqa: E402
 from fff_vdi.data.masks import draw_mask, plan_mask  # noqa: E402
 from fff_vdi.data.sampler import stream_rng  # noqa: E402
@@ -177,7 +177,7 @@ def embed_errors(n32: FrozenConditioner, n16: FrozenConditioner, frames: torch.T
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = compose_experiment(args.overrides)
+    cfg = compose_experiment(REPO_ROOT / "configs", args.overrides)[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d, m = cfg.data, cfg.model
     shards = ShardSet.open(d.shards, d.split)

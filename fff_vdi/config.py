@@ -7,11 +7,12 @@ name the key, the value and the fix. Library code takes these dataclasses, never
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from fff_vdi.errors import ConfigError
+from fff_vdi.errors import ConfigError, FFFVDIError
 
 SVD_XT_ID = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
 
@@ -225,31 +226,133 @@ class RootConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
 
+# `${repo:quickstart_out/shards}` in configs/: a path inside this checkout, whatever the current folder.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (configs/config.yaml extends `fff_vdi_schema`)."""
+    """Register the schema with Hydra's ConfigStore (configs/config.yaml extends `fff_vdi_schema`)
+    and the `repo` resolver with OmegaConf."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     cs.store(name="fff_vdi_schema", node=RootConfig)
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", lambda path: str(REPO_ROOT / path))
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# ---------------------------------------------------------------------------------------------
+# composition
 
 
-def compose_experiment(overrides: list[str]) -> ExperimentConfig:
-    """The experiment that `launch/train.py OVERRIDES...` would train, for tools that take the same
-    overrides; a bad override raises ConfigError naming it."""
+def compose_experiment(config_dir: str | Path, overrides: list[str]) -> tuple[ExperimentConfig, str]:
+    """Compose `config_dir`/config.yaml with command-line overrides (Hydra's grammar) into a validated
+    ExperimentConfig and its resolved YAML. Strict for every key, also for those added with `+` or
+    `++` (Hydra lets those through its struct mode): any composition problem is one ConfigError or
+    FFFVDIError line naming the key, instead of Hydra's multi-line report and its `+key` hint."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
+    values = dict(_split_override(o) for o in overrides)
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return OmegaConf.to_object(compose("config", overrides=list(overrides)).experiment)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError("overrides", " ".join(overrides), str(e).splitlines()[0]) from None
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except HydraException as e:
+        raise _composition_error(e, values) from None
+    _reject_unknown_keys(cfg, RootConfig(), "", values)
+    try:
+        resolved = OmegaConf.to_yaml(cfg.experiment, resolve=True)
+        experiment: ExperimentConfig = OmegaConf.to_object(cfg.experiment)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, values) from None
+    return validate(experiment), resolved
+
+
+FROM_CONFIGS = "<set in configs/>"  # the value shown for a key that no override set
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.lstrip("+~").partition("=")
+    return key, value
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema dataclass instance, nodes and leaves."""
+    keys = []
+    for f in fields(node):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if is_dataclass(getattr(node, f.name)):
+            keys += _schema_keys(getattr(node, f.name), key + ".")
+    return keys
+
+
+def _unknown_key_error(key: str, schema_node: Any, parent: str, value: Any) -> ConfigError:
+    """ConfigError for a key the schema lacks: the closest valid keys, else the keys beside it."""
+    same_depth = [k for k in _schema_keys(RootConfig()) if k.count(".") == key.count(".")]
+    close = difflib.get_close_matches(key, same_depth, n=3, cutoff=0.6)
+    if close:
+        hint = f"did you mean {' or '.join(close)}?"
+    else:
+        hint = f"the keys of {parent or 'the root'} are {', '.join(f.name for f in fields(schema_node))}"
+    return ConfigError(key, value, f"no such key in the schema (fff_vdi/config.py): {hint}")
+
+
+def _reject_unknown_keys(cfg, schema_node: Any, prefix: str, values: dict[str, str]) -> None:
+    """Raise for the first key of the composed `cfg` that the schema dataclass lacks (added with `+`)."""
+    names = {f.name for f in fields(schema_node)}
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key_error(full, schema_node, prefix.rstrip("."), values.get(full, cfg[key]))
+        child = getattr(schema_node, key)
+        if is_dataclass(child):
+            _reject_unknown_keys(cfg[key], child, full + ".", values)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _omegaconf_error(error, values: dict[str, str]) -> FFFVDIError:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
+
+    key = getattr(error, "full_key", None)
+    if not key:
+        return FFFVDIError(f"configuration: {_first_line(str(error))}")
+    if isinstance(error, (ConfigAttributeError, ConfigKeyError)):
+        parent = key.rpartition(".")[0]
+        node: Any = RootConfig()
+        for part in parent.split(".") if parent else ():
+            node = getattr(node, part, None)
+        if is_dataclass(node):
+            return _unknown_key_error(key, node, parent, values.get(key, FROM_CONFIGS))
+    if isinstance(error, MissingMandatoryValue):
+        return ConfigError(key, "???", f"it has no default: set it, e.g. on the command line ({key}=...)")
+    return ConfigError(key, values.get(key, FROM_CONFIGS), _first_line(getattr(error, "msg", str(error))))
+
+
+def _composition_error(error, values: dict[str, str]) -> FFFVDIError:
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = error.__cause__ or error.__context__  # an override's problem, or a YAML file's
+    if isinstance(cause, OmegaConfBaseException):
+        return _omegaconf_error(cause, values)
+    # Hydra's own problems (an unknown experiment=NAME, override syntax): its message on one line,
+    # with the options it lists, without the config search path.
+    sentences, options = [], []
+    for line in str(error).split("Config search path")[0].splitlines():
+        if line.startswith("\t"):
+            options.append(line.strip())
+        elif line.strip():
+            sentences.append(line.strip().rstrip("."))
+    override = getattr(error, "override", None)
+    where = f"override '{override}': " if override else ""
+    return FFFVDIError(f"configuration: {where}{'; '.join(sentences)}{' ' + ', '.join(options) if options else ''}")
 
 
 # ---------------------------------------------------------------------------------------------

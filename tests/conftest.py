@@ -61,6 +61,14 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sam2(tmp_path_factory) -> Path:
+    """A tiny random SAM2 video model folder made by tools/make_tiny_sam2.py (loads like downloaded weights)."""
+    out = tmp_path_factory.mktemp("sam2") / "tiny_sam2"
+    run_tool("tools/make_tiny_sam2.py", str(out), "--seed", "0")
+    return out
+
+
+@pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """12 synthetic videos (some shorter than a window) of 96x160 frames with object annotations,
     sharded with a validation split."""

@@ -27,7 +27,7 @@ from fff_vdi.conditioning.format import resize_flows
 from fff_vdi.conditioning.reader import ConditioningCache, open_training_cache
 from fff_vdi.conditioning.verify import verify_cache
 from fff_vdi.conditioning.writer import PrecomputeOptions, check_output_folder, run_precompute
-from fff_vdi.config import compose_experiment, validate
+from fff_vdi.config import compose_experiment
 from fff_vdi.data.loader import ClipLoader
 from fff_vdi.sharder.options import ShardOptions
 from fff_vdi.sharder.run import run_sharding
@@ -40,6 +40,11 @@ from test_train import launch_together, losses
 
 TOOL = REPO / "tools" / "precompute_conditioning.py"
 TOOL_FLAGS = ["--unit-frames", "2"]  # one unit per video: 3 units
+
+
+def compose(overrides: list[str]):
+    """The validated experiment launch/train.py would train with `overrides`."""
+    return compose_experiment(REPO / "configs", overrides)[0]
 
 
 def experiment(pipeline: Path, shards: Path, **extra) -> list[str]:
@@ -72,7 +77,7 @@ def image_shards(tmp_path_factory) -> Path:
 
 def precompute_here(out: Path, pipeline: Path, shards: Path, **options) -> dict:
     """A cache made in this process (no process group: a world of one); returns its manifest."""
-    cfg = compose_experiment(experiment(pipeline, shards))
+    cfg = compose(experiment(pipeline, shards))
     try:
         summary = run_precompute(cfg, PrecomputeOptions(out, unit_frames=2, **options), DistInfo(0, 1, 0, torch.device("cpu")))
     finally:
@@ -153,11 +158,9 @@ def test_verify_passes_the_cache_and_names_a_corrupted_record(reference, tmp_pat
 
 def test_refusals_name_the_key(tiny_pipeline, image_shards, reference, tmp_path):
     def refused(**extra) -> str:
-        cfg = compose_experiment(experiment(tiny_pipeline, image_shards, **{"experiment.data.conditioning": reference,
-                                                                            **extra}))
-        with pytest.raises(ConfigError) as e:
-            validate(cfg)
-            open_training_cache(cfg, "cpu")
+        with pytest.raises(ConfigError) as e:  # at composition (validate) or when the cache is opened
+            open_training_cache(compose(experiment(tiny_pipeline, image_shards, **{
+                "experiment.data.conditioning": reference, **extra})), "cpu")
         assert "\n" not in str(e.value)
         return e.value.key
 
@@ -172,17 +175,17 @@ def test_refusals_name_the_key(tiny_pipeline, image_shards, reference, tmp_path)
     # A 4-frame window in a 5-frame video takes step 1 where step 2 is drawn: cached. A 6-frame window
     # reflects in every video at step 1: cached too.
     for ok in ({"experiment.data.num_frames": 4}, {"experiment.data.num_frames": 6}):
-        cfg = compose_experiment(experiment(tiny_pipeline, image_shards, **{"experiment.data.conditioning": reference, **ok}))
-        open_training_cache(validate(cfg), "cpu")
+        cfg = compose(experiment(tiny_pipeline, image_shards, **{"experiment.data.conditioning": reference, **ok}))
+        open_training_cache(cfg, "cpu")
     changed = tmp_path / "shards"
     shutil.copytree(image_shards, changed)
     manifest = json.loads((changed / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
     (changed / "manifest.json").write_text(json.dumps(manifest))
-    cfg = compose_experiment(experiment(tiny_pipeline, changed, **{"experiment.data.conditioning": reference}))
+    cfg = compose(experiment(tiny_pipeline, changed, **{"experiment.data.conditioning": reference}))
     with pytest.raises(ConfigError, match=r"the image shards changed since .*\(train-000000.tar has sha256 000000000000"):
         open_training_cache(cfg, "cpu")
-    cfg = compose_experiment(experiment(tiny_pipeline, image_shards, **{"experiment.data.conditioning": reference}))
+    cfg = compose(experiment(tiny_pipeline, image_shards, **{"experiment.data.conditioning": reference}))
     cache = open_training_cache(cfg, "cpu")
     with pytest.raises(ConfigError, match="experiment.model.pretrained.*vae_encoder weights"):
         cache.check_networks(build_random_components("tiny", seed=1), cfg)
@@ -193,7 +196,7 @@ def test_cached_conditioning_equals_the_online_one(tiny_pipeline, image_shards, 
     """Batch by batch, the conditioner gives the same tensors from the cache's features as online, for
     the same generator: the clean latents exactly (the same draws from the same posterior parameters),
     hence every later draw too."""
-    cfg = validate(compose_experiment(experiment(tiny_pipeline, image_shards, **{
+    cfg = compose(experiment(tiny_pipeline, image_shards, **{
         "experiment.data.conditioning": reference, "experiment.data.batch_size": 2})))
     cpu = torch.device("cpu")
     cache = open_training_cache(cfg, "cpu")
@@ -260,11 +263,11 @@ def test_approximate_cache_is_refused_unless_asked_for_and_reads_as_stated(tiny_
     assert verify_cache(out).problems == []
     overrides = {"experiment.data.conditioning": out}
     for asked, missing in (("[]", "flows_float16"), ("[flows_float16]", "flows_eighth")):
-        cfg = compose_experiment(experiment(tiny_pipeline, image_shards, **overrides,
+        cfg = compose(experiment(tiny_pipeline, image_shards, **overrides,
                                             **{"experiment.data.conditioning_approximate": asked}))
         with pytest.raises(ConfigError, match=rf"conditioning_approximate.*\[{missing}\]"):
             open_training_cache(cfg, "cpu")
-    cfg = validate(compose_experiment(experiment(tiny_pipeline, image_shards, **overrides, **{
+    cfg = compose(experiment(tiny_pipeline, image_shards, **overrides, **{
         "experiment.data.conditioning_approximate": "[flows_float16,flows_eighth]"})))
     cache = open_training_cache(cfg, "cpu")
     components = load_components(str(tiny_pipeline))
@@ -284,7 +287,7 @@ def test_dali_delivers_the_same_records_as_the_cpu_backend(tiny_pipeline, image_
     """The DALI graph carries the cache's records as extra outputs (on the GPU: copied there as whole
     batches); the features equal the PIL backend's bit for bit."""
     pytest.importorskip("nvidia.dali")
-    cfg = validate(compose_experiment(experiment(tiny_pipeline, image_shards, **{
+    cfg = compose(experiment(tiny_pipeline, image_shards, **{
         "experiment.data.conditioning": reference, "experiment.data.batch_size": 2, "experiment.data.num_workers": 1})))
     cache = ConditioningCache.open(reference)
     pil = ClipLoader(cfg.data, conditioning=cache, backend="cpu")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_tool, snapshot
+from fff_vdi.errors import InputError
 from fff_vdi.quickstart import remove_own_outputs
 from fff_vdi.utils.atomic import OUTPUT_RECORD, OutputFolderError, atomic_folder
 
@@ -81,7 +82,7 @@ def test_atomic_folder_checks_again_after_the_work(tmp_path):
 def test_quickstart_fresh_deletes_only_its_own_outputs(tmp_path):
     (tmp_path / "runs" / "tiny_cpu").mkdir(parents=True)
     (tmp_path / "thesis.tex").write_text("years of work")
-    with pytest.raises(SystemExit, match="thesis.tex"):
+    with pytest.raises(InputError, match="thesis.tex"):
         remove_own_outputs(tmp_path)
     assert (tmp_path / "thesis.tex").exists() and (tmp_path / "runs" / "tiny_cpu").is_dir()
     (tmp_path / "thesis.tex").unlink()

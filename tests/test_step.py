@@ -44,8 +44,8 @@ def test_step_agrees_on_stop_and_skips_or_stops_on_a_non_finite_loss(monkeypatch
     from fff_vdi.train.step import NonFiniteError
 
     train_step = build(tiny_config(nonfinite="skip"))
-    out = train_step(iter([clip_batch(0)]), 0, stop_requested=lambda: True)
-    assert out.updated and out.stop and out.loss > 0 and out.grad_norm > 0 and out.lr == 1e-3
+    out = train_step(iter([clip_batch(0)]), 0, stop_requested=lambda: 2)
+    assert out.updated and out.stop == 2 and out.loss > 0 and out.grad_norm > 0 and out.lr == 1e-3
     before = [p.detach().clone() for p in train_step.params]
     edm_loss = step_module.edm_loss
     monkeypatch.setattr(step_module, "edm_loss", lambda *a, **k: edm_loss(*a, **k) * float("nan"))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_tool, snapshot
+from fff_vdi.train.checkpoint import list_checkpoints
 from fff_vdi.train.optim import TEMPORAL_PATTERNS
 
 STEP_SECONDS_BUDGET = 600
@@ -95,10 +96,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def seed_run_from(checkpoint: Path, run_dir: Path) -> None:
-    """A new run folder whose only checkpoint is a copy of `checkpoint` (what a resumed job sees)."""
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
+def interrupted_copy(run: Path, last_checkpoint: int, run_dir: Path) -> None:
+    """A copy of `run` as a job killed after its last logged step sees it: every log, metric and
+    TensorBoard file, but no checkpoint after step `last_checkpoint`."""
+    shutil.copytree(run, run_dir)
+    for step, path in list_checkpoints(run_dir / "checkpoints", complete_only=False):
+        if step > last_checkpoint:
+            shutil.rmtree(path)
+
+
+def tensorboard_steps(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +139,17 @@ def test_straight_run_writes_everything(straight_run):
 
 
 def test_two_processes_resume_as_one(straight_run, tiny_pipeline, synthetic_shards, tmp_path):
+    """Killed after logging step 6 with step 3 its last checkpoint: steps 4-6 run again, on one process.
+    The killed run's rows for them are dropped (issue 17.4: metrics.jsonl read 1, 2, 3, 4, 5, 6, 4, 5)."""
     run = tmp_path / "one"
-    seed_run_from(straight_run / "checkpoints" / "step-00000003", run)
+    interrupted_copy(straight_run, 3, run)
     proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.max_steps": 5}), nproc=1)
     assert "saved on 2 ranks, resuming on 1" in proc.stderr
-    assert sorted(losses(run)) == [4, 5]
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[:3] == (straight_run / "metrics.jsonl").read_text().splitlines()[:3]
+    resumed = losses(run)
+    assert tensorboard_steps(run, "train/loss") == pytest.approx(resumed, rel=1e-6)  # 4 and 5 of this run only
     state = json.loads((run / "checkpoints" / "step-00000005" / "state.json").read_text())
     assert state["data"]["position"] == 3 * 2 + 2 * 1  # the stream continues where two ranks left it
 

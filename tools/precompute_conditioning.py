@@ -86,11 +86,11 @@ def precompute(args) -> int:
     import torch.distributed
 
     from fff_vdi.conditioning.writer import PrecomputeOptions, run_precompute
-    from fff_vdi.config import compose_experiment
+    from fff_vdi.config import REPO_ROOT, compose_experiment
     from fff_vdi.distributed.env import init_distributed, shutdown
 
     try:
-        cfg = compose_experiment(args.overrides)
+        cfg = compose_experiment(REPO_ROOT / "configs", args.overrides)[0]
         options = PrecomputeOptions(args.out, args.unit_frames, args.flow_dtype, args.pairs_per_call, args.resume,
                                     args.flow_resolution)
         dist = init_distributed(timeout_s=7 * 24 * 3600)  # ranks wait for the slowest at the end

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import fff_vdi.sharder  # noqa: E402
+from fff_vdi.data.shards import MANIFEST_NAME, not_a_shard_folder  # noqa: E402
 from fff_vdi.errors import DataError, InputError  # noqa: E402
 from fff_vdi.sharder.options import ShardOptions, default_workers, parse_size, usable_cores  # noqa: E402
 from fff_vdi.sharder.repair import repair_shards  # noqa: E402
@@ -115,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def require_shard_folder(folder: Path) -> None:
+    """A --verify or --repair folder that holds no finished shards is a wrong argument (exit 2), not damage."""
+    if not (folder / MANIFEST_NAME).is_file():
+        raise InputError(not_a_shard_folder(folder))
+
+
 def verify(folder: Path, workers: int) -> int:
+    require_shard_folder(folder)
     check = verify_shards(folder, workers)
     for problem in check.problems:
         print(problem)
@@ -129,6 +137,7 @@ def verify(folder: Path, workers: int) -> int:
 
 
 def repair(folder: Path, src: Path | None, workers: int) -> int:
+    require_shard_folder(folder)
     replaced = repair_shards(folder, src, workers)
     if replaced:
         print(f"repair: replaced {', '.join(replaced)} in {folder}, byte-identical to the manifest's; no other file "

@@ -193,7 +193,7 @@ def load_manifest(root: Path) -> dict:
     try:
         manifest = json.loads(path.read_text("utf-8"))
     except (FileNotFoundError, NotADirectoryError):
-        raise DataError(_not_a_shard_folder(root)) from None
+        raise DataError(not_a_shard_folder(root)) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot be read as JSON ({e}); re-shard with tools/shard_ytvos.py") from e
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION:
@@ -203,7 +203,7 @@ def load_manifest(root: Path) -> dict:
     return manifest
 
 
-def _not_a_shard_folder(root: Path) -> str:
+def not_a_shard_folder(root: Path) -> str:
     """What `root` is instead of a finished shard folder, and what to do; --resume only where a
     sharding run was started (its journal, report.json, is there)."""
     if not os.path.exists(root):

@@ -74,10 +74,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> torch.Tensor:
-    """(1,) float32 on `device`: 1 on every rank if `flag` is True on any rank (stop, save and skip
-    decisions). Made by a fill on the device and reduced there: reading it is the caller's one wait."""
-    t = torch.full((1,), 1.0 if flag else 0.0, dtype=torch.float32, device=device)
+def max_over_ranks(value: float, device: torch.device) -> torch.Tensor:
+    """(1,) float32 on `device`: the largest `value` of any rank (stop, save and skip decisions). Made
+    by a fill on the device and reduced there: reading it is the caller's one wait."""
+    t = torch.full((1,), float(value), dtype=torch.float32, device=device)
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t

@@ -21,6 +21,7 @@ import logging
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map_only
 
 from fff_vdi.config import ParallelConfig
 
@@ -115,10 +116,34 @@ def build_mesh(world_size: int, device_type: str, hsdp_replicas: int):
     return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
 
 
+@torch.compiler.disable  # runs on the compiled block's outputs, like FSDP's own hooks
+def _copy_view_outputs(module: nn.Module, args, output):
+    """A forward hook run before FSDP2's: outputs that are views of another tensor, copied.
+
+    FSDP2 hangs its pre-backward hook (the all-gather of the unit's parameters for its backward) on
+    every output tensor of a unit, and an in-place op on a view output would silently drop it, so it
+    warned on every step ("returned a view tensor ... can cause backward to fail or produce wrong
+    gradients"). Three units return views: the root (its output unflattened to (B, T, ...)), the
+    last down block and the mid block (SpatioTemporalResBlock ends by permuting its (B, C, T, h, w)
+    result back to (B*T, C, h, w), which is a view: the elementwise mix before it keeps its inputs'
+    (B*T, C, h, w) memory layout). No consumer of theirs works in place, so the gradients were
+    right; copying them (the smallest feature maps and the output: about 3 MB per clip at SVD-XT
+    size and 512x256 in bf16) makes it so for good, and the warning goes."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if t._base is None or not t.requires_grad:
+            return t
+        return copies.setdefault(id(t), t.clone())  # the same tensor twice (a block's output and skip): one copy
+
+    return tree_map_only(torch.Tensor, own, output)
+
+
 def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_forward: bool,
                shard_frozen: bool) -> int:
     """Shard per block and at the root. With `shard_frozen` False the parameters that do not train
     are cast to `param_dtype` in place and left out of FSDP (replicated; FSDP2's `ignored_params`).
+    Every unit's view outputs are copied first (`_copy_view_outputs`).
     Returns the number of parameter elements left out."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -135,8 +160,10 @@ def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_fo
         fully_shard(block, mesh=mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
                     ignored_params={p for p in block.parameters() if p in frozen} or None)
+        block.register_forward_hook(_copy_view_outputs, prepend=True)
     fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                 ignored_params=frozen or None)
+    unet.register_forward_hook(_copy_view_outputs, prepend=True)
     return sum(p.numel() for p in frozen)
 
 

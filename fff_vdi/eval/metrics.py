@@ -111,12 +111,15 @@ def warping_error_per_pair(
     iters: int = 20,
     device: torch.device | str = "cpu",
     pairs_per_call: int = 8,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
     """E_warp of each consecutive frame pair (T-1,), unscaled (see the module docstring).
 
     RAFT takes frames in [-1, 1] with sides that are multiples of 8 and at least 128: smaller or
     odd-sized frames are padded by edge replication for the flow and the flow is cropped back.
     A pair without any consistent pixel falls back to the whole frame (as Lai et al.'s code does).
+    `region` (bool (T, H, W)) restricts pair t to the consistent pixels of frame t inside it (e.g. the
+    hole, where an inpainter's frames differ); a pair with none of them is NaN.
     """
     _check_pair(pred, gt)
     if len(gt) < 2:
@@ -135,6 +138,10 @@ def warping_error_per_pair(
         warped_next = flow_warp(pred_frames[1:], flow_forward)
         squared = (warped_next - pred_frames[:-1]) ** 2
         for k in range(len(squared)):
+            if region is not None:
+                mask = valid[k] * torch.from_numpy(region[start + k]).to(valid.device, valid.dtype)
+                errors.append(float((squared[k] * mask).sum() / (3 * mask.sum())) if mask.sum() > 0 else float("nan"))
+                continue
             mask = valid[k] if valid[k].sum() > 0 else torch.ones_like(valid[k])
             errors.append(float((squared[k] * mask).sum() / (3 * mask.sum())))
     return np.asarray(errors)

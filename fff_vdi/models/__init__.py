@@ -10,6 +10,7 @@
     fast_paths.py       opt-in exact rewrites of UNet hot paths (temporal convs as 2-D, single-key cross-attention)
     loading.py          local / Hugging Face weight files and the errors that explain them
     components.py       Components: build_components (from the config), load_components, build_random_components, save_pipeline
+    sam2.py             SAM2 video segmentation (transformers): load_sam2, build_random_sam2, save_sam2
     configs/            bundled configs: svd_xt (full size) and tiny (tests, quick start)
 """
 

@@ -62,14 +62,20 @@ def export_from_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path,
     """`export_pipeline` for a run folder, on the CPU: its config.yaml and one of its checkpoints
     (default: the newest complete one). Returns the checkpoint's path. (A run with random weights
     drawn on GPUs gets CPU-drawn frozen weights here: random either way.)"""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     check_output_folder(out_dir, PIPELINE_WRITER, overwrite)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FFFVDIError(f"{config_file} is missing: --run must be a training run folder (it holds config.yaml and checkpoints/)")
-    cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
-                                                                 OmegaConf.load(config_file)))
+    try:
+        cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
+                                                                     OmegaConf.load(config_file)))
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise FFFVDIError(f"{config_file} is not the config.yaml of a training run of this version ("
+                          f"{str(e).splitlines()[0]}): --run must be a run folder written by launch/train.py") from None
     root = run_dir / "checkpoints"
     path = resolve_resume(root, str(root / checkpoint) if checkpoint else "auto")
     if path is None:

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from fff_vdi.utils.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak of the H100 SXM and H200 (the chips' datasheet figure; MFU's denominator).
@@ -94,17 +96,24 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """Rank 0 writes every logged step to TensorBoard and to `<run_dir>/metrics.jsonl`."""
+    """Rank 0 writes every logged step to TensorBoard and to `<run_dir>/metrics.jsonl`.
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    A run that starts at `start_step` (the resumed checkpoint's step, 0 when it starts afresh) runs
+    the steps after it again: the rows an interrupted run logged for those are dropped from
+    metrics.jsonl (rewritten atomically) and hidden in TensorBoard (SummaryWriter's purge_step),
+    so every step has one row, the one of the run that continued."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-            self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            path = Path(run_dir) / "metrics.jsonl"
+            drop_rows_after(path, start_step)
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            self._jsonl = open(path, "a", buffering=1)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -141,6 +150,25 @@ class MetricsWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step`; a row cut short by a kill (no valid JSON) goes too."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+        log.info("%s: dropped %d row(s) after step %d, which this run logs again", path, dropped, step)
 
 
 class Heartbeat:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from fff_vdi.config import ExperimentConfig, ParallelConfig
-from fff_vdi.distributed.env import DistInfo, all_reduce_mean, any_rank
+from fff_vdi.distributed.env import DistInfo, all_reduce_mean, max_over_ranks
 from fff_vdi.distributed.parallelize import parallelize_unet, state_dict_name
 from fff_vdi.errors import FFFVDIError
 from fff_vdi.models.components import Components
@@ -68,7 +68,7 @@ class StepOutput:
     grad_norm: float  # global, before clipping (infinite when the loss scaler found an overflow)
     lr: float  # the learning rate of this step
     updated: bool  # False: the update was skipped (non-finite policy, or the loss scaler's overflow)
-    stop: bool  # some rank asked to stop after this step (agreed by every rank)
+    stop: int  # the strongest stop request of any rank (0: none; agreed by every rank)
     host_s: dict[str, float] = field(default_factory=dict)  # host seconds: data, conditioning, unet (launches on CUDA)
 
 
@@ -86,10 +86,10 @@ class TrainStep:
         self.nonfinite_skips = 0  # update skips under trainer.nonfinite=skip (checkpointed)
         self.overflow_skips = 0  # updates the loss scaler skipped (float16 overflow)
 
-    def __call__(self, batches: Iterator[dict], step: int, *, stop_requested: Callable[[], bool] = lambda: False,
+    def __call__(self, batches: Iterator[dict], step: int, *, stop_requested: Callable[[], int] = lambda: 0,
                  phases: Phases = NO_PHASES) -> StepOutput:
-        """`stop_requested()` (this rank's wish to stop, e.g. a preemption signal) is read after backward,
-        when the ranks agree; `phases` times the step's parts (profiling.py)."""
+        """`stop_requested()` (this rank's wish to stop: 0 none, larger = stronger, e.g. a preemption
+        signal's code) is read after backward, when the ranks agree on the largest; `phases` times the step's parts (profiling.py)."""
         t = self.cfg.trainer
         host_s = {"data": 0.0, "conditioning": 0.0, "unet": 0.0}
         losses = []
@@ -121,11 +121,11 @@ class TrainStep:
             self.scaler.scale(loss / self.cfg.trainer.grad_accum).backward()
         return loss.detach()
 
-    def update(self, losses: list[torch.Tensor], step: int, stop_requested: Callable[[], bool] = lambda: False) -> StepOutput:
+    def update(self, losses: list[torch.Tensor], step: int, stop_requested: Callable[[], int] = lambda: 0) -> StepOutput:
         """The decisions every rank takes together (from one read of the global loss, the gradient
         norm and the stop requests), clipping, the optimizer, EMA and the LR schedule."""
         loss = all_reduce_mean(torch.stack(losses).mean().float().view(1))
-        stop = any_rank(stop_requested(), self.device)
+        stop = max_over_ranks(stop_requested(), self.device)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
         loss_value, norm_value, stop_value = torch.cat([loss, grad_norm.float().view(1), stop]).tolist()
@@ -145,7 +145,7 @@ class TrainStep:
                 self.ema.update()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return StepOutput(loss_value, norm_value, lr, updated, stop_value > 0)
+        return StepOutput(loss_value, norm_value, lr, updated, int(stop_value))
 
     def _on_nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
         t = self.cfg.trainer

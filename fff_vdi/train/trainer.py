@@ -22,13 +22,13 @@ from fff_vdi.conditioning.reader import open_training_cache
 from fff_vdi.config import ExperimentConfig, validate
 from fff_vdi.data.loader import ClipLoader, resolve_backend
 from fff_vdi.distributed.env import DistInfo, barrier, init_distributed, shutdown
-from fff_vdi.errors import FFFVDIError
+from fff_vdi.errors import FFFVDIError, write_launcher_error
 from fff_vdi.models.components import build_components
 from fff_vdi.train.checkpoint import Checkpointer, resolve_resume, step_dir
 from fff_vdi.train.export import export_pipeline
 from fff_vdi.train.gc_schedule import ScheduledGC
 from fff_vdi.train.metrics import PEAK_BF16_FLOPS, Heartbeat, MetricsWriter, peak_memory_gib, unet_train_flops
-from fff_vdi.train.preemption import PreemptionFlag, requeue_slurm_job
+from fff_vdi.train.preemption import PreemptionFlag, requeue_after
 from fff_vdi.train.step import StepOutput, backend_settings, build_train_step
 from fff_vdi.utils.atomic import atomic_write_text
 
@@ -117,7 +117,7 @@ class Trainer:
             s.load_state_dict(trainer_state)
             log.info("resumed from %s at step %d (data position %d)", resume, self.step, self.loader.position)
 
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.dist.is_main, start_step=self.step)
         self.heartbeat = Heartbeat(self.dist.rank, t.heartbeat_s)
         self.validator = None
         if t.validate_every > 0:
@@ -158,7 +158,7 @@ class Trainer:
                     # No synchronisation at the step's end: the step waits for the GPU once, mid-step, so
                     # over many steps the time from one step's start to the next is the GPU's step time.
                     tick = time.perf_counter()
-                    out = self.train_step(self.loader, self.step, stop_requested=lambda: self.preemption.requested)
+                    out = self.train_step(self.loader, self.step, stop_requested=self.preemption.code)
                     gc_schedule.tick()  # inside the step's time: what a collection costs shows in the metrics
                     step_time = time.perf_counter() - tick
                     self.step += 1
@@ -169,13 +169,14 @@ class Trainer:
                         progress.set_postfix(loss=f"{out.loss:.4f}")
                     if self.validator is not None and self.step % t.validate_every == 0:
                         self.validator.run(self.unet, self.step, self.metrics)
-                    if out.stop or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                    preempted = self.preemption.signal_of(out.stop)  # the strongest any rank received, or None
+                    if preempted or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                         self.save()
                         gc_schedule.collect_all()
-                    if out.stop:
-                        log.info("preemption signal (%s): saved step %d, exiting", self.preemption.signal_name, self.step)
-                        if self.dist.is_main:
-                            requeue_slurm_job()
+                    if preempted:
+                        self.checkpointer.wait()  # complete before a requeue ends this job
+                        log.info("preemption signal (%s): saved step %d, exiting", preempted.name, self.step)
+                        requeue_after(preempted, self.dist.is_main)
                         return 0
                 self.checkpointer.wait()
                 if t.export_at_end:
@@ -227,6 +228,7 @@ def run_training(cfg: ExperimentConfig, resolved_yaml: str = "", preemption: Pre
     except FFFVDIError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
+        write_launcher_error(f"error: {e}")
         return 1
     finally:
         preemption.uninstall()

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from fff_vdi.errors import FFFVDIError
+from fff_vdi.errors import FFFVDIError, InputError
 
 TMP_MARK = ".tmp-"
 
@@ -68,10 +68,29 @@ def _relative_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
+def check_can_create(path: str | os.PathLike) -> None:
+    """Raise InputError unless `path` (a file or folder to write) can be created: its nearest existing
+    folder must take a new file. Probed with a real file, since permissions are not the whole story
+    (read-only mounts, root); the error comes before the work, not hours later at the rename."""
+    path = Path(path).expanduser().absolute()
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: {folder} is a file, not a folder: choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=f"probe{TMP_MARK}"):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot write into {folder} ({e.strerror}): choose a folder you can write") from None
+
+
 def check_output_folder(path: str | os.PathLike, writer: str, overwrite: bool) -> None:
     """Raise OutputFolderError unless `writer` may write `path`: absent, an empty folder, or with
-    `overwrite` a folder that `writer` wrote and that holds only the files it wrote."""
+    `overwrite` a folder that `writer` wrote and that holds only the files it wrote. Raise
+    InputError when it could not be created (check_can_create)."""
     path = Path(path)
+    check_can_create(path)
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir() or path.is_symlink():
