@@ -197,7 +197,7 @@ def test_cached_conditioning_equals_the_online_one(tiny_pipeline, image_shards, 
     the same generator: the clean latents exactly (the same draws from the same posterior parameters),
     hence every later draw too."""
     cfg = compose(experiment(tiny_pipeline, image_shards, **{
-        "experiment.data.conditioning": reference, "experiment.data.batch_size": 2})))
+        "experiment.data.conditioning": reference, "experiment.data.batch_size": 2}))
     cpu = torch.device("cpu")
     cache = open_training_cache(cfg, "cpu")
     components = load_components(str(tiny_pipeline))
@@ -268,7 +268,7 @@ def test_approximate_cache_is_refused_unless_asked_for_and_reads_as_stated(tiny_
         with pytest.raises(ConfigError, match=rf"conditioning_approximate.*\[{missing}\]"):
             open_training_cache(cfg, "cpu")
     cfg = compose(experiment(tiny_pipeline, image_shards, **overrides, **{
-        "experiment.data.conditioning_approximate": "[flows_float16,flows_eighth]"})))
+        "experiment.data.conditioning_approximate": "[flows_float16,flows_eighth]"}))
     cache = open_training_cache(cfg, "cpu")
     components = load_components(str(tiny_pipeline))
     conditioner = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters, torch.float32, torch.device("cpu"))
@@ -288,7 +288,7 @@ def test_dali_delivers_the_same_records_as_the_cpu_backend(tiny_pipeline, image_
     batches); the features equal the PIL backend's bit for bit."""
     pytest.importorskip("nvidia.dali")
     cfg = compose(experiment(tiny_pipeline, image_shards, **{
-        "experiment.data.conditioning": reference, "experiment.data.batch_size": 2, "experiment.data.num_workers": 1})))
+        "experiment.data.conditioning": reference, "experiment.data.batch_size": 2, "experiment.data.num_workers": 1}))
     cache = ConditioningCache.open(reference)
     pil = ClipLoader(cfg.data, conditioning=cache, backend="cpu")
     dali = ClipLoader(cfg.data, device=device, conditioning=cache, backend="dali")
