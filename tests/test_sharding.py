@@ -607,7 +607,7 @@ def test_verify_catches_a_damaged_tar_header(clean_shards, tmp_path):
 
 def test_verify_of_an_unfinished_folder_names_it_and_the_fix(tmp_path):
     result = shard_tool("--verify", tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a wrong argument, not damage found (exit 1)
     assert f"{tmp_path}: not a finished shard folder (no manifest.json)" in result.stderr
 
 
