@@ -66,7 +66,7 @@ def test_one_mask_per_frame_at_the_video_size_named_like_the_frames(capsys, vide
     code, err = run_segment(capsys, video, tmp_path / "masks", tiny_sam2, ["80,50"])
     assert code == 0, err
     frames = sorted(video.glob("*.jpg"))
-    masks = sorted((tmp_path / "masks").iterdir())
+    masks = sorted((tmp_path / "masks").glob("*.png"))
     assert [m.name for m in masks] == [f.with_suffix(".png").name for f in frames]
     for mask in masks:
         with Image.open(mask) as image:

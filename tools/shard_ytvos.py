@@ -123,7 +123,6 @@ def require_shard_folder(folder: Path) -> None:
 
 
 def verify(folder: Path, workers: int) -> int:
-    require_shard_folder(folder)
     check = verify_shards(folder, workers)
     for problem in check.problems:
         print(problem)

@@ -13,7 +13,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from fff_vdi.data.shards import MANIFEST_NAME, SHARD_FILE, DamagedMember, frame_member_name, load_index, \
-    load_manifest, mask_member_name, meta_member_name, read_member
+    load_manifest, mask_member_name, meta_member_name, not_a_shard_folder, read_member
 from fff_vdi.errors import DataError, InputError
 from fff_vdi.sharder.frames import BadFile, decode_jpeg, decode_png
 from fff_vdi.sharder.manifest import compare_with_manifest
@@ -34,6 +34,8 @@ def verify_shards(out: Path, workers: int = 1) -> ShardCheck:
     index, and decode every frame and mask at its indexed offset (crc32 first)."""
     if workers < 1:
         raise InputError(f"--workers={workers}: use 1 or more")
+    if not (out / MANIFEST_NAME).is_file():  # a wrong argument (exit 2), not damage found
+        raise InputError(not_a_shard_folder(out))
     manifest = load_manifest(out)
     jobs = [(str(out), shard, manifest["with_annotations"])
             for split in manifest["splits"].values() for shard in split["shards"]]
