@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from fff_vdi.config import compose_experiment  # noqa: E402
 from fff_vdi.utils.atomic import atomic_write_json  # noqa: E402
 
 EXPERIMENT = "learn_synthetic"
@@ -86,19 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # stages
-
-
-def compose_experiment(overrides: list[str]):
-    """The experiment's typed config, composed from configs/ exactly as launch/train.py composes it."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from fff_vdi.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"experiment={EXPERIMENT}", *overrides])
-    return OmegaConf.to_object(cfg.experiment)
 
 
 def prepare_shards(args: argparse.Namespace, shards: Path) -> None:
@@ -151,7 +139,9 @@ def train(args: argparse.Namespace, base: list[str], run_dir: Path) -> dict:
     k = args.calibration_steps
     if not (run_dir / "validation.jsonl").exists() or not _checkpoints(run_dir):
         log(f"training: calibration ({k} steps, validation of the untrained model)")
-        launch(base + [f"experiment.trainer.stop_after_steps={k}", f"experiment.trainer.checkpoint_every={k}",
+        # Ending at max_steps=k and resuming with more is one run: the schedule is constant after a
+        # warmup longer than the calibration, so no step's learning rate depends on max_steps.
+        launch(base + [f"experiment.trainer.max_steps={k}", f"experiment.trainer.checkpoint_every={k}",
                        f"experiment.trainer.validate_every={NEVER}"], args.work / "train_calibration.log")
     steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] <= k]  # the plan: from the calibration alone
     step_s = statistics.median(r["step_time_s"] for r in steps[len(steps) // 2:])  # past the warm-up
@@ -301,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     shards, pipeline, run_dir = args.work / "shards", args.work / "pipeline", args.work / "run"
     base = [f"experiment={EXPERIMENT}", f"experiment.model.pretrained={pipeline}", f"experiment.data.shards={shards}",
             f"experiment.output_dir={run_dir}", f"experiment.trainer.seed={args.seed}", *args.override]
-    experiment = compose_experiment(base[1:])
+    experiment = compose_experiment(REPO / "configs", base)[0]  # as launch/train.py composes it
 
     prepare_shards(args, shards)
     autoencoder = prepare_pipeline(args, experiment, pipeline, device)

@@ -38,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import PIL  # noqa: E402
 from PIL import features  # noqa: E402
 
-from fff_vdi.data import sharding  # noqa: E402
-from fff_vdi.data.sharding import ShardOptions, decode_jpeg, run_sharding, usable_cores  # noqa: E402
+from fff_vdi.sharder import writer  # noqa: E402
+from fff_vdi.sharder.frames import decode_jpeg  # noqa: E402
+from fff_vdi.sharder.options import ShardOptions, usable_cores  # noqa: E402
+from fff_vdi.sharder.run import run_sharding  # noqa: E402
 
 TARGET_FRAMES_PER_S_PER_WORKER = 100
 
@@ -140,7 +142,7 @@ class Timeline:
 
     @contextlib.contextmanager
     def recording(self, started: float):
-        timeline, progress_update, fsync = self, sharding.Progress.update, os.fsync
+        timeline, progress_update, fsync = self, writer.Progress.update, os.fsync
 
         def update(progress, result):
             timeline.done.append((time.perf_counter() - started, result.frames_read))
@@ -151,11 +153,11 @@ class Timeline:
             fsync(fd)
             timeline.fsync_s += time.perf_counter() - t
 
-        sharding.Progress.update, os.fsync = update, timed_fsync
+        writer.Progress.update, os.fsync = update, timed_fsync
         try:
             yield self
         finally:
-            sharding.Progress.update, os.fsync = progress_update, fsync
+            writer.Progress.update, os.fsync = progress_update, fsync
 
     def summary(self, seconds: float) -> dict:
         (first, _), (last, _) = self.done[0], self.done[-1]

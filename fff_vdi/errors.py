@@ -3,6 +3,10 @@
 Every message names the file, key or value at fault and says how to fix it.
 """
 
+import json
+import os
+import time
+
 
 class FFFVDIError(Exception):
     """Base class of the project's user-facing errors."""
@@ -26,3 +30,21 @@ class WeightsError(FFFVDIError, RuntimeError):
 
 class InputError(FFFVDIError, ValueError):
     """User input to a command-line tool (video, masks, paths) cannot be used."""
+
+
+def write_launcher_error(message: str) -> None:
+    """Give torchrun this process's error as one line. torchrun points each worker at its own error
+    file (TORCHELASTIC_ERROR_FILE) and prints the first failed worker's as the "Root Cause" of its
+    ChildFailedError report; without one that reads "To enable traceback see: <url>" and buries our
+    message. The format is torch.distributed.elastic's ErrorHandler's, with the line as the traceback.
+    Outside torchrun this does nothing."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    extra = {"py_callstack": message, "timestamp": str(int(time.time()))}
+    record = {"message": {"message": message, "extraInfo": extra}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass  # the message was printed already; torchrun then shows its generic root cause

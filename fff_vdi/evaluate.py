@@ -12,12 +12,18 @@ reported too. E_warp needs --raft and VFID needs --i3d and two or more videos; w
 are reported as skipped, with the reason. Definitions: fff_vdi/eval/metrics.py. E_warp is
 printed and stored x 10^3.
 
-Exit status: 0 done, 2 unusable input or weights (the message says what to fix).
+A prediction (or masks) of another size than its ground truth is resized to --size like the ground
+truth when the aspect ratios agree within 3% (with a warning: resizing is the protocol); another
+aspect ratio (a crop, a transposed or different video) is an error naming both sizes.
+
+Exit status: 0 done, 2 unusable input or weights (the message says what to fix), 1 --json could not
+be written.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -36,9 +42,13 @@ from fff_vdi.eval.metrics import (
     ssim_per_frame,
     warping_error_per_pair,
 )
-from fff_vdi.inference.video_io import MASK_DIRS, find_videos, open_masks, open_video
+from fff_vdi.inference.video_io import MASK_DIRS, FrameSource, MaskSource, find_videos, open_masks, open_video
 from fff_vdi.models import load_raft
-from fff_vdi.utils.atomic import atomic_write_json
+from fff_vdi.utils.atomic import atomic_write_json, check_can_create
+
+# Relative difference of aspect ratios up to which a prediction or masks of another size than the
+# ground truth are resized like it: E2FGVI's own resize of 854x480 DAVIS frames to 432x240 is 1.2%.
+ASPECT_TOLERANCE = 0.03
 
 PROTOCOL = {
     "psnr": "dB per frame over all pixels and RGB channels of uint8 frames, mean over all frames (identical frames: 100 dB)",
@@ -73,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(results))
     if args.json:
-        atomic_write_json(args.json, results)
+        try:
+            atomic_write_json(args.json, results)
+        except OSError as e:
+            print(f"error: while writing --json {args.json}: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -90,6 +104,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def evaluate(args: argparse.Namespace) -> dict:
     size = parse_size(args.size)
+    if args.json:
+        check_can_create(args.json)  # before the scoring, not after it
     pairs = match_videos(args.pred, args.gt)
     masks = match_masks(args.masks, list(pairs)) if args.masks else {}
     device = torch.device(args.device)
@@ -98,7 +114,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     videos, all_psnr, all_ssim, all_ewarp, all_hole, features = {}, [], [], [], [], ([], [])
     for name, (pred_path, gt_path) in pairs.items():
-        pred, gt = read_resized(pred_path, size, "--pred"), read_resized(gt_path, size, "--gt")
+        pred_video, gt_video = open_video(pred_path), open_video(gt_path)
+        check_comparable(name, "--pred", pred_video, gt_video, size)
+        mask_source = open_masks(masks[name]) if name in masks else None
+        if mask_source is not None:
+            check_comparable(name, "--masks", mask_source, gt_video, size)
+        pred, gt = read_resized(pred_video, size), read_resized(gt_video, size)
         if len(pred) != len(gt):
             raise InputError(f"video {name!r}: {pred_path} has {len(pred)} frames but {gt_path} has {len(gt)}: give both the same frames")
         psnr, ssim = psnr_per_frame(pred, gt), ssim_per_frame(pred, gt, device)
@@ -109,8 +130,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             ewarp = warping_error_per_pair(pred, gt, raft, args.raft_iters, device)
             row["ewarp_x1e3"] = float(ewarp.mean() * EWARP_SCALE) if len(ewarp) else None
             all_ewarp.append(ewarp)
-        if name in masks:
-            hole_psnr = masked_psnr_per_frame(pred, gt, read_holes(masks[name], size, len(gt)))
+        if mask_source is not None:
+            hole_psnr = masked_psnr_per_frame(pred, gt, read_holes(mask_source, size, len(gt)))
             row["psnr_hole"] = float(np.nanmean(hole_psnr)) if np.isfinite(hole_psnr).any() else None
             all_hole.append(hole_psnr)
         if i3d is not None:
@@ -167,9 +188,21 @@ def match_masks(path: str, names: list[str]) -> dict[str, Path]:
     return {n: found[n] for n in names}
 
 
-def read_resized(path: Path, size: tuple[int, int], flag: str) -> np.ndarray:
+def check_comparable(name: str, flag: str, source: FrameSource | MaskSource, gt: FrameSource, size: tuple[int, int]) -> None:
+    """A prediction or masks at another size than their ground truth: resized to --size like it (the
+    protocol) when the aspect ratios agree, with a warning; an InputError naming both sizes when they
+    do not (a crop, a transposed video or another video's masks would be scored without a word)."""
+    if (source.height, source.width) == (gt.height, gt.width):
+        return
+    sizes = f"{flag} {source.path} is {source.width}x{source.height} but the ground truth {gt.path} is {gt.width}x{gt.height} (WxH)"
+    if abs(math.log((source.width / source.height) / (gt.width / gt.height))) > math.log1p(ASPECT_TOLERANCE):
+        raise InputError(f"video {name!r}: {sizes}, another aspect ratio: give it at the ground truth's size")
+    print(f"warning: video {name!r}: {sizes}: both are resized to --size {size[1]}x{size[0]}, as the protocol resizes "
+          "every frame", file=sys.stderr)
+
+
+def read_resized(source: FrameSource, size: tuple[int, int]) -> np.ndarray:
     """All frames of a video as uint8 (T, H, W, 3) at `size`, resized with PIL's bicubic filter."""
-    source = open_video(path)
     frames = [
         frame if frame.shape[:2] == size else np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.BICUBIC))
         for frame in source.frames()
@@ -177,13 +210,12 @@ def read_resized(path: Path, size: tuple[int, int], flag: str) -> np.ndarray:
     return np.stack(frames)
 
 
-def read_holes(path: Path, size: tuple[int, int], num_frames: int) -> np.ndarray:
-    masks = open_masks(path)
+def read_holes(masks: MaskSource, size: tuple[int, int], num_frames: int) -> np.ndarray:
     if len(masks) != num_frames:
-        raise InputError(f"--masks {path} has {len(masks)} masks for a video of {num_frames} frames: give one mask per frame")
+        raise InputError(f"--masks {masks.path} has {len(masks)} masks for a video of {num_frames} frames: give one mask per frame")
     return np.stack([
         hole if hole.shape == size else np.asarray(Image.fromarray(hole).resize((size[1], size[0]), Image.NEAREST))
-        for hole in masks.masks((masks.height, masks.width), f"the first mask of {path}")
+        for hole in masks.masks((masks.height, masks.width), f"the first mask of {masks.path}")
     ])
 
 

@@ -10,6 +10,7 @@
     python -m fff_vdi.quickstart [--out quickstart_out] [--steps 40]
 
 Every stage runs the command a user would run (printed before it runs); everything lands under --out.
+Exit status: 0 done, 2 unusable arguments (one line), 1 a stage failed (its command is printed).
 Scaling up is a change of configuration only: see README.md, "From the quick start to a real run".
 """
 
@@ -23,6 +24,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fff_vdi.errors import FFFVDIError, InputError
+from fff_vdi.utils.atomic import check_can_create
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,16 +61,47 @@ def held_out_video(shards: Path) -> str:
     return index["samples"][0]["video_id"]
 
 
+# What the quick start writes into --out; --fresh deletes these and refuses a folder holding anything else.
+OWN_OUTPUTS = ("videos", "shards", "tiny_pipeline", "runs", "inpainted")
+
+
+def remove_own_outputs(out: Path) -> None:
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_OUTPUTS)
+    if foreign:
+        raise InputError(f"--fresh refused: {out} holds {foreign[:3]}, which the quick start did not "
+                         f"write (it writes only {', '.join(OWN_OUTPUTS)}); give another --out")
+    for name in OWN_OUTPUTS:
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Before the first stage: what would otherwise fail minutes later, in a stage's own process."""
+    if args.steps < 1 or args.videos < 1:
+        raise InputError(f"--steps {args.steps} --videos {args.videos}: use 1 or more of each")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file: give a folder (new, or an earlier quick start's)")
+    check_can_create(args.out / OWN_OUTPUTS[0])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("quickstart_out"), help="everything is written here")
     ap.add_argument("--steps", type=int, default=40, help="training steps")
     ap.add_argument("--videos", type=int, default=8)
-    ap.add_argument("--fresh", action="store_true", help="delete --out first (otherwise training resumes)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="delete the quick start's own outputs in --out first (otherwise training resumes)")
     args = ap.parse_args(argv)
     out = args.out.resolve()
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
+    try:
+        check_arguments(args)
+        if args.fresh:
+            remove_own_outputs(out)
+    except FFFVDIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     import torch

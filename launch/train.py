@@ -4,12 +4,17 @@
         experiment.data.shards=/data/ytvos-shards [more Hydra overrides]
 
 A plain `python launch/train.py ...` runs as one process. See README.md and launch/*.sbatch.
+Arguments are Hydra overrides of configs/ (composed with Hydra's compose API, strict for every key).
+Exit status: 0 done (or saved on preemption), 2 a configuration or input error found before training
+(one line naming the key; torchrun shows it as the root cause), 1 an error during training.
 """
 
 import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from fff_vdi.train.preemption import PreemptionFlag  # noqa: E402 (standard library only: imports in ms)
 
@@ -17,24 +22,30 @@ from fff_vdi.train.preemption import PreemptionFlag  # noqa: E402 (standard libr
 # first step boundary instead of killing this rank (and, through the collectives, the job).
 PREEMPTION = PreemptionFlag().install()
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from fff_vdi.config import ExperimentConfig, register_configs  # noqa: E402
-
-register_configs()
+from fff_vdi.config import compose_experiment  # noqa: E402
+from fff_vdi.errors import FFFVDIError, write_launcher_error  # noqa: E402
+from fff_vdi.train.preflight import check_inputs  # noqa: E402
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    try:
+        experiment, resolved = compose_experiment(REPO / "configs", argv)
+        check_inputs(experiment)
+    except FFFVDIError as e:  # the same on every rank: printed once per node, given to torchrun by each
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        write_launcher_error(f"error: {e}")
+        return 2
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from fff_vdi.train.trainer import run_training
 
-    experiment: ExperimentConfig = OmegaConf.to_object(cfg.experiment)
-    resolved = OmegaConf.to_yaml(cfg.experiment, resolve=True)
-    code = run_training(experiment, resolved_yaml=resolved, preemption=PREEMPTION)
-    if code:
-        sys.exit(code)  # hydra.main drops return values: exit here so torchrun and Slurm see failures
+    # record: an unexpected exception's traceback becomes torchrun's root cause too.
+    return record(run_training)(experiment, resolved_yaml=resolved, preemption=PREEMPTION)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

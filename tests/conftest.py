@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -45,11 +46,25 @@ def run_tool(*args: str, check: bool = True, env: dict | None = None) -> subproc
     return proc
 
 
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` by relative path, with the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     """A tiny random pipeline folder made by tools/make_tiny_pipeline.py; copy it before changing it."""
     out = tmp_path_factory.mktemp("tiny") / "pipeline"
     run_tool("tools/make_tiny_pipeline.py", str(out), "--seed", "0")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2(tmp_path_factory) -> Path:
+    """A tiny random SAM2 video model folder made by tools/make_tiny_sam2.py (loads like downloaded weights)."""
+    out = tmp_path_factory.mktemp("sam2") / "tiny_sam2"
+    run_tool("tools/make_tiny_sam2.py", str(out), "--seed", "0")
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import statistics
 import sys
 
@@ -12,43 +13,49 @@ import pytest
 import torch
 
 from conftest import REPO, run_tool
+from fff_vdi.errors import ConfigError
 
-TINY = ["--model", "tiny", "--frames", "4", "--height", "128", "--width", "128", "--steps", "1", "--warmup", "1",
-        "--raft-iters", "2", "--device", "cpu"]
+# The tiny model at a CPU size, for every configuration (the trainer's own keys).
+TINY = ["--device", "cpu", "--steps", "1", "--warmup", "1", "experiment.model.random_init=tiny",
+        "experiment.model.raft_iters=2", "experiment.model.frozen_dtype=float32", "experiment.data.num_frames=4",
+        "experiment.data.height=128", "experiment.data.width=128"]
 PHASES = ("raft", "flow_completion", "vae", "clip", "unet_forward", "backward", "optimizer", "other", "data_wait")
+EAGER = "experiment=paper_512x256 experiment.parallel.compile=false experiment.parallel.compile_frozen=false"
 
 
 def load_bench():
     if "bench_train_step" not in sys.modules:
         spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "train_step.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up
+        sys.modules[spec.name] = module
         spec.loader.exec_module(module)
+        from fff_vdi.config import register_configs
+
+        register_configs()
     return sys.modules["bench_train_step"]
-
-
-COMPILED = "ours:compile=1:frozen_compile=1:compile_backend=eager:fullgraph=1"
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One run of the benchmark with the two default configurations and a compiled one (one process
-    start and one model build for all three)."""
+    """One run of the benchmark: the published recipe, paper_512x256 eager, and paper_512x256 as
+    configured (compiled), traced with dynamo's eager backend (one process start for all three)."""
     out = tmp_path_factory.mktemp("bench") / "train_step.json"
-    proc = run_tool("bench/train_step.py", *TINY, "--configs", f"published,ours,{COMPILED}", "--out", str(out))
+    proc = run_tool("bench/train_step.py", *TINY, "--config", "experiment=published_recipe", "--config", EAGER,
+                    "--config", "experiment=paper_512x256", "--compile-backend", "eager", "--out", str(out))
     return json.loads(out.read_text()), proc.stdout
 
 
 @pytest.mark.slow
 def test_both_configurations_run_and_report(bench_run):
     report, stdout = bench_run
-    for key in ("card", "torch", "diffusers", "world_size", "shape", "configs", "notes"):
+    for key in ("card", "torch", "diffusers", "world_size", "configs", "notes", "command"):
         assert key in report, key
-    assert report["world_size"] == 1 and report["shape"] == {"frames": 4, "height": 128, "width": 128}
+    assert report["world_size"] == 1
     published, ours, _ = report["configs"]
-    assert (published["kind"], ours["kind"]) == ("published", "ours")
+    assert (published["experiment"], ours["experiment"]) == ("published_recipe", "paper_512x256")
     for r in (published, ours):
         assert r["status"] == "ok", r.get("traceback")
+        assert r["config"]["data"]["num_frames"] == 4 and r["config"]["model"]["raft_iters"] == 2  # common overrides
         assert set(PHASES) <= set(r["phases_s"]) and r["phases_s"]["data_wait"] == 0.0
         assert all(v >= 0 for v in r["phases_s"].values())
         assert r["phases_s"]["raft"] > 0 and r["phases_s"]["unet_forward"] > 0 and r["phases_s"]["backward"] > 0
@@ -58,10 +65,13 @@ def test_both_configurations_run_and_report(bench_run):
         assert len(r["step_s_each"]) == timed and 0 < sum(r["step_s_each"]) <= r["step_s"] * timed
         assert r["step_s_median"] == pytest.approx(statistics.median(r["step_s_each"]))
         assert r["unet_mfu"] > 0 and r["step_mfu"] > 0 and r["unet_flops_per_step"] > 0
-        assert r["loss_finite"]
+        assert math.isfinite(r["final_loss"]) and r["nonfinite_skips"] == 0
         assert r["speedup_vs_published"] == pytest.approx(r["clips_per_s_per_gpu"] / published["clips_per_s_per_gpu"])
-    assert published["settings"] == {"batch": 1, "raft_iters": 2}
-    assert ours["settings"]["compile"] is False and ours["settings"]["fast_paths"] is True  # "auto" resolved for the CPU
+    # The recipes as their experiment files say, the common overrides and the configuration's own applied.
+    assert published["config"]["parallel"]["autocast"] == "float16" and published["config"]["parallel"]["fsdp"] is False
+    assert published["config"]["data"]["batch_size"] == 1 and published["config"]["optim"]["fused"] is False
+    assert ours["config"]["parallel"]["compile"] is False and ours["config"]["parallel"]["fast_paths"] is True
+    assert ours["config"]["parallel"]["reshard_after_forward"] is False
     # The fast paths remove work: fewer FLOPs as run than in the published model's count.
     assert ours["unet_flops_per_clip"] < ours["reference_unet_flops_per_clip"] == published["unet_flops_per_clip"]
     assert "| config |" in "\n".join(stdout.strip().splitlines()[-8:])  # the table is printed last
@@ -74,39 +84,35 @@ def test_compiled_path_traces_without_graph_breaks(bench_run):
     report, _ = bench_run
     compiled = report["configs"][2]
     assert compiled["status"] == "ok", compiled.get("traceback")
-    assert compiled["settings"]["compile"] is True
+    assert compiled["config"]["parallel"]["compile"] is True and compiled["config"]["parallel"]["compile_frozen"] is True
     assert compiled["compile"]["graph_breaks"] == 0 and compiled["compile"]["unique_graphs"] > 10
 
 
-def test_spec_parsing_names_the_bad_key():
+def test_configurations_are_the_trainers_and_bad_keys_are_named():
     bench = load_bench()
-    args = bench.parse_args(TINY)
-    (spec,) = bench.parse_specs("ours:batch=2:ac=selective:overlap=1", args, torch.device("cpu"))
-    assert spec.settings["batch"] == 2 and spec.settings["ac"] == "selective"
-    assert spec.settings["overlap"] is False  # CUDA streams only
-    with pytest.raises(ValueError, match="raft_iter"):
-        bench.parse_specs("ours:raft_iter=3", args, torch.device("cpu"))
-    with pytest.raises(ValueError, match="key of published"):
-        bench.parse_specs("published:compile=1", args, torch.device("cpu"))
-    with pytest.raises(ValueError, match="ac='some'"):
-        bench.parse_specs("ours:ac=some", args, torch.device("cpu"))
-    # --batch is ours': the published recipe stays at its batch of 1 unless its own key says otherwise.
-    published, ours, published4 = bench.parse_specs("published,ours,published:batch=4",
-                                                    bench.parse_args([*TINY, "--batch", "2"]), torch.device("cpu"))
-    assert (published.settings["batch"], ours.settings["batch"], published4.settings["batch"]) == (1, 2, 4)
+    common = ["experiment.data.batch_size=2", "experiment.parallel.compile=false"]
+    overrides = bench.merged_overrides(common, "experiment=paper_512x256 experiment.data.batch_size=3")
+    assert overrides[0] == "model=svd_xt_random" and "experiment.data.batch_size=3" in overrides  # its own win
+    assert "experiment.data.batch_size=2" not in overrides
+    cfg = bench.compose(overrides)
+    assert (cfg.name, cfg.data.batch_size, cfg.parallel.compile, cfg.model.random_init) == ("paper_512x256", 3, False, "svd_xt")
+    with pytest.raises(Exception, match="reshard"):  # a key the schema does not have (Hydra names it)
+        bench.compose(bench.merged_overrides([], "experiment.parallel.reshard=false"))
+    with pytest.raises(ConfigError, match="experiment.parallel.activation_checkpointing"):
+        bench.compose(bench.merged_overrides([], "experiment.parallel.activation_checkpointing=some"))
 
 
-def test_flop_count_is_the_trainers():
+def test_unet_train_flops_count_the_trained_work():
+    """The one FLOP counter (trainer MFU and benchmark): linear in the batch, more with every parameter
+    trained (their weight gradients), less with the fast paths."""
     from fff_vdi.models.components import build_random_components
-    from fff_vdi.train.optim import mark_trainable
-    from fff_vdi.train.trainer import unet_train_flops
+    from fff_vdi.train.metrics import unet_train_flops
 
-    bench = load_bench()
-    unet = build_random_components("tiny", meta=True).unet
-    config = dict(unet.config)
-    trained = set(mark_trainable(unet, "temporal"))
-    expected = unet_train_flops(config, trained, 1, 4, 128, 128, unet.config.out_channels, unet.config.cross_attention_dim)
-    assert bench.unet_flops(config, 1, 4, 128, 128, fast_paths=False) == expected
+    config = dict(build_random_components("tiny", meta=True).unet.config)
+    one = unet_train_flops(config, "temporal", 1, 4, 128, 128)
+    assert one > 0 and unet_train_flops(config, "temporal", 2, 4, 128, 128) == 2 * one
+    assert unet_train_flops(config, "all", 1, 4, 128, 128) > one
+    assert unet_train_flops(config, "temporal", 1, 4, 128, 128, fast_paths=True) < one
 
 
 def test_fast_paths_keep_outputs_and_gradients():
@@ -165,20 +171,21 @@ def test_kernel_summary_classes_and_bounds():
     """The UNet profile's summary: classes by kernel name (inductor's fused kernels even when their
     names hold "convolution"), busy time as the union of overlapping spans, communication apart, and
     the FLOP kernels' throughput from their time alone."""
-    bench = load_bench()
-    assert bench.kernel_class("triton_poi_fused_convolution_silu_3") == "fused_triton"
-    assert bench.kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul_conv"
-    assert bench.kernel_class("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul_conv"
-    assert bench.kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
-    assert bench.kernel_class("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout"
-    assert bench.kernel_class("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)") == "communication"
-    assert bench.kernel_class("Memcpy DtoD (Device -> Device)") == "copy"
-    assert bench.kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"
-    assert bench.busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
+    from fff_vdi.train import profiling  # the profiler is a trainer component
+
+    assert profiling.kernel_class("triton_poi_fused_convolution_silu_3") == "fused_triton"
+    assert profiling.kernel_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul_conv"
+    assert profiling.kernel_class("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul_conv"
+    assert profiling.kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert profiling.kernel_class("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout"
+    assert profiling.kernel_class("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)") == "communication"
+    assert profiling.kernel_class("Memcpy DtoD (Device -> Device)") == "copy"
+    assert profiling.kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    assert profiling.busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
     kernels = [("sm90_xmma_gemm_bf16", 0.0, 0.4), ("flash_bwd_kernel", 0.4, 0.5), ("triton_red_fused_1", 0.5, 1.0),
                ("ncclDevKernel_ReduceScatter", 0.2, 1.5)]
-    flops = int(0.5 * bench.PEAK_BF16_FLOPS)  # half a second's worth at the peak
-    s = bench.summarize_kernels(kernels, wall_s=2.0, flops=flops)
+    flops = int(0.5 * profiling.PEAK_BF16_FLOPS)  # half a second's worth at the peak
+    s = profiling.summarize_kernels(kernels, wall_s=2.0, flops=flops)
     assert s["compute_busy_s"] == pytest.approx(1.0)  # communication left out
     assert s["gpu_idle_fraction"] == pytest.approx(0.5)
     assert s["class_s"]["communication"] == pytest.approx(1.3)

@@ -227,6 +227,33 @@ def test_evaluate_rejects_mismatched_input(davis_frames, tmp_path, capsys, setup
     assert re.search(expected, capsys.readouterr().err)
 
 
+def test_evaluate_scores_only_what_is_comparable_with_the_ground_truth(davis_frames, davis_sample, tmp_path, capsys):
+    """Issue 17.3: a prediction or masks of another aspect ratio were resized to --size and scored without
+    a word. Another size of the same aspect ratio is what the protocol resizes (with a warning)."""
+    def resized(frames, width, height, kind=Image.BICUBIC):
+        return np.stack([np.asarray(Image.fromarray(f).resize((width, height), kind)) for f in frames])
+
+    gt, masks = tmp_path / "gt", tmp_path / "masks"
+    write_frames(gt, davis_frames[:2])  # 432x240
+    holes = [np.asarray(Image.open(p)) for p in sorted((davis_sample / "Masks" / "bmx-trees").glob("*.png"))[:2]]
+    write_frames(masks, (np.stack(holes) > 0).astype(np.uint8) * 255)
+    write_frames(tmp_path / "narrow", resized(davis_frames[:2], 120, 300))
+    assert evaluate_main(["--pred", str(tmp_path / "narrow"), "--gt", str(gt)]) == 2
+    assert re.search(r"--pred .*narrow is 120x300 but the ground truth .*gt is 432x240 \(WxH\), another aspect ratio",
+                     capsys.readouterr().err)
+    write_frames(tmp_path / "wide_masks", resized((np.stack(holes) > 0).astype(np.uint8) * 255, 300, 120, Image.NEAREST))
+    assert evaluate_main(["--pred", str(gt), "--gt", str(gt), "--masks", str(tmp_path / "wide_masks")]) == 2
+    assert re.search(r"--masks .*wide_masks is 300x120 but the ground truth .*gt is 432x240", capsys.readouterr().err)
+
+    write_frames(tmp_path / "double", resized(davis_frames[:2], 864, 480))
+    assert evaluate_main(["--pred", str(tmp_path / "double"), "--gt", str(gt), "--masks", str(masks),
+                          "--json", str(tmp_path / "s.json")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: video 'gt': --pred" in err and "both are resized to --size 432x240" in err
+    scores = json.loads((tmp_path / "s.json").read_text())["summary"]
+    assert 30 < scores["psnr"] < 100 and scores["psnr_hole"] is not None
+
+
 def test_evaluate_matches_collections_by_name(davis_frames, tmp_path, capsys):
     for name in ("a", "b"):
         write_frames(tmp_path / "gt" / name, davis_frames[:2])

@@ -1,6 +1,7 @@
 """The Slurm templates' signal path, run for real on the CPU: the batch shell traps USR1, forwards it
 to the torchrun workers through srun (a stand-in that runs the command here), the workers save a
-complete checkpoint and everyone exits 0."""
+complete checkpoint, rank 0 requeues the job (a stand-in scontrol) and everyone exits 0. Under a real
+Slurm: tests/test_slurm.py."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from test_train import losses, overrides, wait_for_first_step
 
 @pytest.fixture
 def fake_srun(tmp_path):
-    """An `srun` that drops its options and runs the command on this machine."""
+    """An `srun` that drops its options and runs the command on this machine, and an `scontrol` that
+    records its arguments in bin/scontrol.calls."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    srun = bin_dir / "srun"
-    srun.write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    srun.chmod(0o755)
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {bin_dir}/scontrol.calls\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
     return bin_dir
 
 
@@ -49,9 +52,11 @@ def test_batch_script_forwards_usr1_to_the_workers(when, fake_srun, tiny_pipelin
     # The body of launch/train_1node.sbatch with this machine's torchrun.
     driver.write_text(f"set -uo pipefail\nsource launch/common.sh\n"
                       f"run_and_wait srun --ntasks=1 {torchrun} --standalone --nproc-per-node=2 launch/train.py {args}\n")
-    env = {**os.environ, "FFF_VDI_REPO": str(REPO), "SLURM_JOB_NUM_NODES": "1", "OMP_NUM_THREADS": "1",
-           "PATH": f"{fake_srun}:{os.environ['PATH']}"}
-    env.pop("SLURM_JOB_ID", None)  # no requeue outside Slurm
+    # A job id of its own: the forwarding signals only this job's training processes (not those of
+    # another run on the machine), and the requeue goes to the fake scontrol.
+    job_id = str(os.getpid())
+    env = {**os.environ, "FFF_VDI_REPO": str(REPO), "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": job_id,
+           "OMP_NUM_THREADS": "1", "PATH": f"{fake_srun}:{os.environ['PATH']}"}
     job = subprocess.Popen(["bash", str(driver)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
@@ -71,6 +76,7 @@ def test_batch_script_forwards_usr1_to_the_workers(when, fake_srun, tiny_pipelin
             job.kill()
     assert job.returncode == 0, out[-4000:]
     assert "SIGUSR1 received, forwarding" in out
+    assert (fake_srun / "scontrol.calls").read_text() == f"requeue {job_id}\n"  # by rank 0 only
     for rank in (0, 1):  # both ranks saw the flag (agreed across ranks) and stopped at the same step
         assert "preemption signal (SIGUSR1)" in (run / "logs" / f"rank-{rank:05d}.log").read_text()
     done = [p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists()]

@@ -171,7 +171,7 @@ def test_truncated_safetensors_is_reported_as_corrupt(tiny_pipeline, tmp_path):
         assert str(weights) in str(error.value)
 
 
-def test_missing_files_are_named_with_where_to_get_them(tiny_pipeline, tmp_path):
+def test_missing_files_are_named_with_where_to_get_them(tiny_pipeline, tmp_path, monkeypatch):
     pipeline = copy_pipeline(tiny_pipeline, tmp_path)
     shutil.rmtree(pipeline / "raft")
     with pytest.raises(WeightsError, match=r"RAFT weights not found.*raft-things\.pth"):
@@ -183,8 +183,13 @@ def test_missing_files_are_named_with_where_to_get_them(tiny_pipeline, tmp_path)
         load_raft(tmp_path / "nowhere" / "raft-things.pth")
     with pytest.raises(WeightsError, match=r"recurrent_flow_completion\.pth"):
         load_flow_completion(tmp_path / "nowhere.pth")
-    with pytest.raises(WeightsError, match=r"neither an existing folder nor a Hugging Face repo id"):
+    with pytest.raises(WeightsError, match=r"no such folder: .*/no/such/folder; give a pipeline folder"):
         load_components(str(tmp_path / "no" / "such" / "folder"))
+    # owner/name, but its owner is a folder here: a missing folder, not a Hub repo to download (issue 17.9)
+    (tmp_path / "quickstart_out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=r"no such folder: .*quickstart_out/tiny_pipeline \(relative to the current"):
+        load_components("quickstart_out/tiny_pipeline")
 
 
 def test_corrupt_torch_checkpoints_are_reported(tmp_path):

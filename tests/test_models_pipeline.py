@@ -72,12 +72,12 @@ def test_save_pipeline_replaces_and_checks_an_exported_unet_state(components, tm
     out = tmp_path / "export"
     save_pipeline(components, out)
     state = {k: torch.zeros_like(v) for k, v in components.unet.state_dict().items()}
-    save_pipeline(components, out, unet_state_dict=state)
+    save_pipeline(components, out, unet_state_dict=state, overwrite=True)
     reloaded = load_components(str(out))
     assert all(torch.count_nonzero(v) == 0 for v in reloaded.unet.state_dict().values())
     del state["conv_in.weight"]
     with pytest.raises(WeightsError, match=r"missing \(1\): conv_in\.weight"):
-        save_pipeline(components, out, unet_state_dict=state)
+        save_pipeline(components, out, unet_state_dict=state, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left behind
 
 

@@ -108,7 +108,7 @@ def test_condition_latents_carry_the_drawn_noise_augmentation(components):
     def condition(log_sigma: float):
         objective = ObjectiveConfig(cond_p_mean=log_sigma, cond_p_std=1e-3)
         conditioner = FrozenConditioner(components, objective, 1, torch.float32, torch.device("cpu"))
-        cond = conditioner(frames, masks, torch.Generator().manual_seed(5))
+        cond = conditioner({"pixel_values": frames, "mask_values": masks}, torch.Generator().manual_seed(5))
         assert cond.cond_sigma.item() == pytest.approx(math.exp(log_sigma), rel=0.01)
         return (cond.cond_latents - clean).abs().mean().item()
 

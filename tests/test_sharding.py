@@ -1,4 +1,4 @@
-"""tools/shard_ytvos.py and fff_vdi.data.sharding: bad input, determinism, kill and resume, --verify,
+"""tools/shard_ytvos.py and fff_vdi.sharder: bad input, determinism, kill and resume, --verify,
 the shard format, and the reader API (fff_vdi.data.shards) on the output.
 
 CPU only and small (64x48 synthetic frames, a dozen videos), except the davis-sample test, which
@@ -27,17 +27,11 @@ import pytest
 from PIL import Image
 
 from fff_vdi.data.shards import ShardSet
-from fff_vdi.data.sharding import (
-    ShardOptions,
-    default_workers,
-    jpeg_frame_header,
-    numbering_note,
-    parse_size,
-    run_sharding,
-    sanitize_key,
-    split_of,
-    verify_shards,
-)
+from fff_vdi.sharder.frames import jpeg_frame_header
+from fff_vdi.sharder.options import ShardOptions, default_workers, parse_size
+from fff_vdi.sharder.run import run_sharding
+from fff_vdi.sharder.scan import numbering_note, sanitize_key, split_of
+from fff_vdi.sharder.verify import verify_shards
 from fff_vdi.data.synthetic import write_synthetic_videos
 from fff_vdi.errors import DataError, InputError
 from fff_vdi.utils.parallel import map_in_order
@@ -613,7 +607,7 @@ def test_verify_catches_a_damaged_tar_header(clean_shards, tmp_path):
 
 def test_verify_of_an_unfinished_folder_names_it_and_the_fix(tmp_path):
     result = shard_tool("--verify", tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a wrong argument, not damage found (exit 1)
     assert f"{tmp_path}: not a finished shard folder (no manifest.json)" in result.stderr
 
 

@@ -1,11 +1,11 @@
-"""The sharder's worker-to-parent handoff through shared memory (fff_vdi/data/spool.py)."""
+"""The sharder's worker-to-parent handoff through shared memory (fff_vdi/sharder/spool.py)."""
 
 import os
 import subprocess
 import sys
 
-from fff_vdi.data.spool import PREFIX, Payload, Spool
-from fff_vdi.data.tarpack import Member, TarShardWriter, pack_members
+from fff_vdi.sharder.spool import PREFIX, Payload, Spool
+from fff_vdi.sharder.tarpack import Member, TarShardWriter, pack_members
 
 
 def read(payload: Payload) -> bytes:

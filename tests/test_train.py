@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_tool
+from conftest import REPO, run_tool, snapshot
+from fff_vdi.train.checkpoint import list_checkpoints
 from fff_vdi.train.optim import TEMPORAL_PATTERNS
 from fff_vdi.train.validate import VIDEO_TAG
 
@@ -45,11 +46,13 @@ def overrides(pipeline: Path, shards: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def launch(args: list[str], nproc: int, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "launch/train.py", *args]
+def launch(args: list[str], nproc: int, check: bool = True, faults: dict | None = None) -> subprocess.CompletedProcess:
+    """torchrun launch/train.py ARGS; with `faults` (FFF_VDI_TEST_* variables) tests/train_with_faults.py,
+    which injects them."""
+    script = "tests/train_with_faults.py" if faults else "launch/train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=STEP_SECONDS_BUDGET,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(faults or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -94,10 +97,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def seed_run_from(checkpoint: Path, run_dir: Path) -> None:
-    """A new run folder whose only checkpoint is a copy of `checkpoint` (what a resumed job sees)."""
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(checkpoint, run_dir / "checkpoints" / checkpoint.name)
+def interrupted_copy(run: Path, last_checkpoint: int, run_dir: Path) -> None:
+    """A copy of `run` as a job killed after its last logged step sees it: every log, metric and
+    TensorBoard file, but no checkpoint after step `last_checkpoint`."""
+    shutil.copytree(run, run_dir)
+    for step, path in list_checkpoints(run_dir / "checkpoints", complete_only=False):
+        if step > last_checkpoint:
+            shutil.rmtree(path)
+
+
+def tensorboard_steps(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +140,17 @@ def test_straight_run_writes_everything(straight_run):
 
 
 def test_two_processes_resume_as_one(straight_run, tiny_pipeline, synthetic_shards, tmp_path):
+    """Killed after logging step 6 with step 3 its last checkpoint: steps 4-6 run again, on one process.
+    The killed run's rows for them are dropped (issue 17.4: metrics.jsonl read 1, 2, 3, 4, 5, 6, 4, 5)."""
     run = tmp_path / "one"
-    seed_run_from(straight_run / "checkpoints" / "step-00000003", run)
+    interrupted_copy(straight_run, 3, run)
     proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.max_steps": 5}), nproc=1)
     assert "saved on 2 ranks, resuming on 1" in proc.stderr
-    assert sorted(losses(run)) == [4, 5]
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[:3] == (straight_run / "metrics.jsonl").read_text().splitlines()[:3]
+    resumed = losses(run)
+    assert tensorboard_steps(run, "train/loss") == pytest.approx(resumed, rel=1e-6)  # 4 and 5 of this run only
     state = json.loads((run / "checkpoints" / "step-00000005" / "state.json").read_text())
     assert state["data"]["position"] == 3 * 2 + 2 * 1  # the stream continues where two ranks left it
 
@@ -152,8 +172,8 @@ def test_loss_falls_when_overfitting_one_clip(tiny_pipeline, synthetic_shards, t
 
 def test_non_finite_loss_stops_every_rank_with_the_step(tiny_pipeline, synthetic_shards, tmp_path):
     run = tmp_path / "nan"
-    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.inject_nan_at_step": 2}),
-                  nproc=2, check=False)
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2, check=False,
+                  faults={"FFF_VDI_TEST_NAN_AT_STEP": "2"})
     assert proc.returncode != 0
     for rank in (0, 1):
         log = (run / "logs" / f"rank-{rank:05d}.log").read_text()
@@ -185,7 +205,7 @@ def test_two_nodes_then_two_resumes_on_one_node_match_the_straight_run(straight_
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     expected = losses(straight_run)
     assert losses(run) == {s: expected[s] for s in (1, 2, 3)}
-    launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.stop_after_steps": 2}), nproc=2)
+    launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2, faults={"FFF_VDI_TEST_STOP_AFTER_STEPS": "2"})
     assert losses(run) == {s: expected[s] for s in (1, 2, 3, 4, 5)}
     launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=2)  # one node, 2 processes, to step 6
     assert losses(run) == expected
@@ -201,11 +221,11 @@ def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_p
              "experiment.trainer.grad_accum": 2, "experiment.optim.ema_decay": 0.9,
              "experiment.trainer.async_checkpoint": "true", "experiment.optim.schedule": "cosine",
              "experiment.optim.warmup_steps": 2, "experiment.optim.grad_clip": 0.01,
-             "experiment.trainer.nonfinite": "skip", "experiment.trainer.inject_nan_at_step": 3,
+             "experiment.trainer.nonfinite": "skip",
              "experiment.trainer.max_steps": 4, "experiment.trainer.checkpoint_every": 2,
              "experiment.trainer.export_at_end": "true", "experiment.trainer.validate_every": 4,
              "experiment.trainer.val_steps": 1}
-    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **extra), nproc=2)
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **extra), nproc=2, faults={"FFF_VDI_TEST_NAN_AT_STEP": "3"})
     assert "non-finite loss at step 3" in proc.stderr and "update skipped (1 of 10 allowed skips)" in proc.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -227,6 +247,13 @@ def test_accumulation_ema_async_checkpoints_cosine_clipping_and_nan_skips(tiny_p
     assert {"val/hole_psnr_db", "val/hole_ssim", "val/ewarp_x1e3", "train/loss", "train/lr"} <= set(events.Tags()["scalars"])
     # The EMA weights export from the checkpoint, on the CPU, without a process group.
     run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--ema", "--out", str(tmp_path / "ema_pipeline"))
+    again = run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--out", str(tmp_path / "ema_pipeline"), check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # an existing export is replaced only when asked
+    before = snapshot(run)
+    for out in (run, run.parent):  # once exited 0 after deleting the whole run
+        proc = run_tool("-m", "fff_vdi.train.export", "--run", str(run), "--out", str(out), "--overwrite", check=False)
+        assert proc.returncode == 2 and "never replaced" in proc.stderr
+    assert snapshot(run) == before
     from safetensors.torch import load_file
 
     trained = load_file(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")

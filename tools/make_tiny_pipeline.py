@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a complete FFF-VDI pipeline folder with tiny random networks (tens of MB, CPU-fast).
 
-    python tools/make_tiny_pipeline.py OUT [--seed S]
+    python tools/make_tiny_pipeline.py OUT [--seed S] [--overwrite]
 
 OUT gets the real layout (model_index.json, unet/, vae/, image_encoder/, feature_extractor/,
 scheduler/, raft/raft-things.pth, flow_completion/recurrent_flow_completion.pth) and loads
@@ -15,17 +15,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no installation
 
+from fff_vdi.errors import FFFVDIError  # noqa: E402
 from fff_vdi.models import build_random_components, save_pipeline  # noqa: E402
+from fff_vdi.models.components import PIPELINE_WRITER  # noqa: E402
+from fff_vdi.utils.atomic import check_output_folder  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="folder to write (replaced if it exists)")
+    parser.add_argument("out", help="folder to write (absent or empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if a pipeline export wrote it (anything else is never replaced)")
     args = parser.parse_args(argv)
-    out = save_pipeline(build_random_components("tiny", seed=args.seed), args.out)
+    try:
+        check_output_folder(args.out, PIPELINE_WRITER, args.overwrite)  # before the networks are built
+        out = save_pipeline(build_random_components("tiny", seed=args.seed), args.out, overwrite=args.overwrite)
+    except FFFVDIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: while writing {args.out}: {e}", file=sys.stderr)
+        return 1
     print(f"tiny pipeline written to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

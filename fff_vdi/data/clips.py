@@ -22,9 +22,13 @@ from fff_vdi.errors import DataError
 
 
 class ClipSource:
-    def __init__(self, shards: ShardSet, cfg: DataConfig):
+    """`conditioning`: a precomputed conditioning cache (fff_vdi.conditioning.reader.ConditioningCache)
+    whose records of each clip the reader processes read with its frames; None: frames only."""
+
+    def __init__(self, shards: ShardSet, cfg: DataConfig, conditioning=None):
         self.shards = shards
         self.cfg = cfg
+        self.conditioning = conditioning
         self.videos: list[VideoEntry] = [v for v in shards.videos if is_eligible(v.num_frames, cfg)]
         if not self.videos:
             longest = max((v.num_frames for v in shards.videos), default=0)
@@ -51,6 +55,11 @@ class ClipSource:
     def frame_bytes(self, plan: ClipPlan) -> list[bytes]:
         video = self.videos[plan.video]
         return [self.shards.read_frame(video, i) for i in plan.frame_indices]
+
+    def cached_records(self, plan: ClipPlan) -> list[np.ndarray]:
+        """The clip's records from the conditioning cache, as uint8 arrays (one per kind)."""
+        video = self.videos[plan.video]
+        return self.conditioning.clip_records(video.shard, video.key, plan.frame_indices)
 
     def object_labels(self, plan: ClipPlan) -> Optional[np.ndarray]:
         """(T, H, W) uint8 object ids at the output size, cropped and flipped like the frames; None

@@ -53,6 +53,7 @@ class _ClipDataset(torch.utils.data.Dataset):
             "position": position,
             "frames": torch.from_numpy(np.stack(frames)),
             "labels": None if labels is None else torch.from_numpy(labels),
+            "cached": None if source.conditioning is None else [torch.from_numpy(r) for r in source.cached_records(plan)],
         }
 
 
@@ -70,11 +71,14 @@ class _RankPositions(torch.utils.data.Sampler):
 
 
 def _collate(items: list[dict]) -> dict:
-    return {
+    batch = {
         "positions": [it["position"] for it in items],
         "frames_uint8": torch.stack([it["frames"] for it in items]),
         "labels": [it["labels"] for it in items],
     }
+    if items[0]["cached"] is not None:  # one (B, bytes) tensor per kind of record
+        batch["cached"] = [torch.stack(kind) for kind in zip(*(it["cached"] for it in items))]
+    return batch
 
 
 def cpu_batches(source: ClipSource, rank_slice: RankSlice, num_workers: int, prefetch: int) -> Iterator[dict]:

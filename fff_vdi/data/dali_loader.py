@@ -18,6 +18,8 @@ import torch
 from fff_vdi.data.clips import ClipSource
 from fff_vdi.data.sampler import RankSlice
 
+CACHED_KINDS = 3  # ClipSource.cached_records: moments, embedding, flows
+
 
 class _ExternalSource:
     """The picklable per-sample callable of the parallel external source."""
@@ -41,6 +43,8 @@ class _ExternalSource:
             labels = self.source.object_labels(plan)
             cfg = self.source.cfg
             out.append(labels if labels is not None else np.zeros((cfg.num_frames, cfg.height, cfg.width), np.uint8))
+        if self.source.conditioning is not None:
+            out += self.source.cached_records(plan)
         return tuple(out)
 
 
@@ -50,6 +54,7 @@ def build_pipeline(source: ClipSource, rank_slice: RankSlice, device_id: Optiona
     cfg = source.cfg
     T, H, W = cfg.num_frames, cfg.height, cfg.width
     on_gpu = device_id is not None
+    num_cached = CACHED_KINDS if source.conditioning is not None else 0
 
     @pipeline_def(
         batch_size=rank_slice.batch_size,
@@ -63,8 +68,11 @@ def build_pipeline(source: ClipSource, rank_slice: RankSlice, device_id: Optiona
     def clip_pipeline():
         outs = fn.external_source(
             source=_ExternalSource(source, rank_slice, with_labels),
-            num_outputs=T + 4 + int(with_labels), batch=False, parallel=True)
+            num_outputs=T + 4 + int(with_labels) + num_cached, batch=False, parallel=True)
         frames, (roi_start, roi_end, flip, position) = outs[:T], outs[T:T + 4]
+        labels = outs[T + 4:T + 4 + int(with_labels)]
+        # The conditioning cache's records: copied to the GPU as whole batches, one per kind.
+        cached = [o.gpu() if on_gpu else o for o in outs[T + 4 + int(with_labels):]]
         decoder = {"device": "mixed", "hw_decoder_load": cfg.hw_decoder_load} if on_gpu else {"device": "cpu"}
         # One resize over the stacked sequence (the same region for every frame) instead of one per
         # frame: a single operator and kernel launch for the clip instead of T of each.
@@ -73,7 +81,7 @@ def build_pipeline(source: ClipSource, rank_slice: RankSlice, device_id: Optiona
                          antialias=True, interp_type=types.INTERP_LINEAR)
         clip = fn.crop_mirror_normalize(clip, mirror=flip, mean=[127.5] * 3, std=[127.5] * 3,
                                         output_layout="FCHW", dtype=types.FLOAT)
-        return (clip, position, outs[-1]) if with_labels else (clip, position)
+        return (clip, position, *labels, *cached)
 
     pipe = clip_pipeline()
     pipe.build()
@@ -100,6 +108,8 @@ def dali_batches(source: ClipSource, rank_slice: RankSlice, device: torch.device
             }
             if with_labels:
                 batch["labels"] = list(_to_torch(outs[2]).unbind(0))
+            if source.conditioning is not None:
+                batch["cached"] = [_to_torch(o) for o in outs[2 + int(with_labels):]]
             yield batch
     finally:
         del pipe

@@ -32,6 +32,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def pixel_values(raw: dict, device: torch.device) -> torch.Tensor:
+    """A backend's batch of clips as (B, T, 3, H, W) float32 in [-1, 1] on `device`."""
+    if "frames_uint8" in raw:  # CPU backend: (B, T, H, W, 3) uint8
+        return raw["frames_uint8"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+    return raw["frames"].to(device)
+
+
 def apply_color_jitter(clip_tchw: torch.Tensor, jitter: tuple[float, float, float, float]) -> torch.Tensor:
     """Same brightness/contrast/saturation/hue change on every frame of a [-1, 1] clip."""
     from torchvision.transforms.v2 import functional as TF
@@ -47,13 +54,14 @@ def apply_color_jitter(clip_tchw: torch.Tensor, jitter: tuple[float, float, floa
 
 class ClipLoader:
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 split: Optional[str] = None, backend: Optional[str] = None):
+                 split: Optional[str] = None, backend: Optional[str] = None, conditioning=None):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.backend = resolve_backend(backend or cfg.backend, self.device)
         self.shards = ShardSet.open(cfg.shards, split or cfg.split, verify_crc=cfg.verify_crc)
-        self.source = ClipSource(self.shards, cfg)
+        # A conditioning cache (fff_vdi.conditioning.reader): each batch then also holds its clips' features.
+        self.source = ClipSource(self.shards, cfg, conditioning)
         self._start = 0
         self._consumed = 0
         self._batches: Optional[Iterator[dict]] = None
@@ -119,10 +127,7 @@ class ClipLoader:
 
     def _finish(self, raw: dict) -> dict:
         cfg, device = self.cfg, self.device
-        if "frames_uint8" in raw:  # CPU backend: (B, T, H, W, 3) uint8
-            frames = raw["frames_uint8"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
-        else:
-            frames = raw["frames"].to(device)
+        frames = pixel_values(raw, device)
         plans = [self.source.plan(p) for p in raw["positions"]]
         labels = raw.get("labels") or [None] * len(plans)
         clips, masks = [], []
@@ -130,7 +135,7 @@ class ClipLoader:
             clips.append(apply_color_jitter(clip, plan.jitter) if plan.jitter is not None else clip)
             masks.append(draw_mask(plan.mask, cfg.height, cfg.width, device, lab))
         videos = [self.source.video(p) for p in plans]
-        return {
+        batch = {
             "pixel_values": torch.stack(clips),
             "mask_values": torch.stack(masks),
             "video_ids": [v.video_id for v in videos],
@@ -140,6 +145,9 @@ class ClipLoader:
             "mask_kinds": [p.mask.kind for p in plans],
             "flips": torch.tensor([p.flip for p in plans]),
         }
+        if "cached" in raw:  # the clean clips' features, precomputed (objective.CLEAN_FEATURES)
+            batch.update(self.source.conditioning.assemble(raw["cached"], device))
+        return batch
 
     def close(self) -> None:
         if self._batches is not None:

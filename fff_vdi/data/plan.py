@@ -60,16 +60,28 @@ def _reflect(i: int, n: int) -> int:
     return i if i < n else period - i
 
 
+def effective_step(num_frames: int, window: int, step: int) -> int | None:
+    """The frame step a window of `window` frames takes in a video of `num_frames` frames when `step`
+    is drawn: `step` if the window fits, else the largest smaller step that fits; None when no step
+    fits (the window then reflects at the video's ends with step 1)."""
+    fitting = usable_steps(num_frames, window, range(step, 0, -1))
+    return fitting[0] if fitting else None
+
+
+def steps_in_use(num_frames: int, cfg: DataConfig) -> set[int]:
+    """Every frame step the clips of an eligible video of `num_frames` frames can take (empty for a
+    video that takes no part): what a conditioning cache must hold flows for."""
+    if not is_eligible(num_frames, cfg):
+        return set()
+    return {effective_step(num_frames, cfg.num_frames, int(s)) or 1 for s in cfg.frame_steps}
+
+
 def draw_window(rng: np.random.Generator, num_frames: int, cfg: DataConfig) -> tuple[tuple[int, ...], int]:
     T = cfg.num_frames
-    step = int(rng.choice(np.asarray(cfg.frame_steps)))
-    if (T - 1) * step + 1 > num_frames:
-        fitting = usable_steps(num_frames, T, range(step, 0, -1))
-        if fitting:  # smaller_step (and reflect_pad for videos long enough for some step)
-            step = fitting[0]
-        else:  # reflect_pad on a video shorter than the window
-            start = int(rng.integers(0, num_frames))
-            return tuple(_reflect(start + k, num_frames) for k in range(T)), 1
+    step = effective_step(num_frames, T, int(rng.choice(np.asarray(cfg.frame_steps))))
+    if step is None:  # reflect_pad on a video shorter than the window
+        start = int(rng.integers(0, num_frames))
+        return tuple(_reflect(start + k, num_frames) for k in range(T)), 1
     span = (T - 1) * step + 1
     start = int(rng.integers(0, num_frames - span + 1))
     return tuple(start + k * step for k in range(T)), step
@@ -107,7 +119,9 @@ def plan_clip(rng: np.random.Generator, position: int, video: int, num_frames: i
     `mask_frames[i]` says whether frame i of the video has an object annotation (None: no annotations);
     object masks are used only for windows where every frame has one."""
     frame_indices, step = draw_window(rng, num_frames, cfg)
-    crop_start, crop_end = draw_crop(rng, frame_hw, cfg)
+    crop_start, crop_end = draw_crop(rng, frame_hw, cfg)  # drawn either way: later draws never shift
+    if cfg.crop == "none":
+        crop_start, crop_end = (0.0, 0.0), (1.0, 1.0)
     flip = bool(rng.random() < cfg.hflip_prob)
     jitter = draw_jitter(rng, cfg)
     has_object_masks = mask_frames is not None and all(mask_frames[i] for i in frame_indices)

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from fff_vdi.config import DataConfig, MaskConfig, validate_data
 from fff_vdi.data.loader import ClipLoader
 from fff_vdi.errors import FFFVDIError
 from fff_vdi.utils.atomic import atomic_open, atomic_write_json
+from fff_vdi.utils.paths import os_error_text, unwritable_reason
 
 MASK_PRESETS = {
     "rectangles": dict(rectangles=1.0, freeform=0.0, objects=0.0),
@@ -96,6 +98,10 @@ def main(argv=None) -> int:
         ap.error("--device gpu: no CUDA device is visible; use --device cpu")
     if args.batches < 1:
         ap.error(f"--batches {args.batches}: use 1 or more")
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        problem = path and ("is a folder" if Path(path).is_dir() else unwritable_reason(Path(path).parent))
+        if problem:  # found before minutes of loading, not after
+            ap.error(f"{flag} {path}: {problem}; give a file path you can write")
     masks = replace(MaskConfig(), **MASK_PRESETS[args.masks])
     cfg = DataConfig(shards=args.shards, split=args.split, num_frames=args.frames, height=args.height,
                      width=args.width, batch_size=args.batch_size, masks=masks, num_workers=args.workers,
@@ -103,11 +109,15 @@ def main(argv=None) -> int:
     try:
         validate_data(cfg, prefix="preview")
         stats = run(cfg, args.out, args.batches, torch.device("cuda" if args.device == "gpu" else "cpu"))
+        if args.json:
+            atomic_write_json(args.json, stats)
     except FFFVDIError as e:
         print(f"preview: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        atomic_write_json(args.json, stats)
+    except OSError as e:
+        print(f"preview: {os_error_text(e, args.out)}; check that --shards can be read and --out and --json "
+              "written", file=sys.stderr)
+        return 2
     print(json.dumps(stats, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -1,6 +1,6 @@
 """The shard format, and random access to frames by byte offset.
 
-A shard folder (written by `tools/shard_ytvos.py`, see `fff_vdi.data.sharding`) holds:
+A shard folder (written by `tools/shard_ytvos.py`, see `fff_vdi.sharder`) holds:
 
     manifest.json                  written last: its presence means the folder is complete
     report.json                    every skipped video or frame, repair and note, with its reason
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,11 @@ from fff_vdi.errors import DataError
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
 MANIFEST_FORMAT = "fff-vdi-shards"
+REPORT_FORMAT = "fff-vdi-shard-report"
 INDEX_FORMAT = "fff-vdi-shard-index"
 FORMAT_VERSION = 1
-RESHARD_HINT = "run tools/shard_ytvos.py --verify on the folder, or re-shard it with tools/shard_ytvos.py"
+SHARD_FILE = re.compile(r"(?P<split>train|val)-(?P<number>\d{6})\.(?P<ext>tar|index\.json)")  # shard_name, index_name
+RESHARD_HINT = "run tools/shard_ytvos.py --verify on the folder; its --repair rewrites the shards that --verify lists"
 
 Member = tuple[int, int, int]  # (offset of the data in the tar, size, zlib.crc32)
 
@@ -84,6 +87,31 @@ class VideoEntry:
     frames: tuple[Member, ...]
     masks: tuple[Member | None, ...] | None  # None: the shard set has no annotations
     json: Member
+
+
+class DamagedMember(DataError):
+    """From read_member: a member's bytes differ from its index entry. The message reads on from the
+    member's name ("member x.f00001.jpg is cut short (...)"); `detail` alone is --verify's line."""
+
+    def __init__(self, summary: str, detail: str):
+        super().__init__(f"{summary} ({detail})")
+        self.detail = detail
+
+
+def read_member(fd: int, member: Member, check_crc: bool = True) -> bytes:
+    """One member's bytes by offset, checked against its index entry: the length always, the crc32
+    unless `check_crc` is False. The one read of the reader and of --verify; raises DamagedMember."""
+    offset, size, crc = member
+    try:
+        data = os.pread(fd, size, offset)
+    except OSError as e:
+        raise DamagedMember("cannot be read", f"{e.strerror} at offset {offset}") from None
+    if len(data) != size:
+        raise DamagedMember("is cut short", f"{len(data)} of {size} bytes at offset {offset} before the file ends")
+    if check_crc and (actual := zlib.crc32(data)) != crc:
+        raise DamagedMember("fails its crc32 check",
+                            f"crc32 {actual:08x} at offset {offset} differs from the index's {crc:08x}")
+    return data
 
 
 class ShardSet:
@@ -147,28 +175,25 @@ class ShardSet:
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
-            fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+            try:
+                fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"{self.root / shard}: cannot be opened ({e.strerror}); {RESHARD_HINT}") from None
         return fd
 
     def _read(self, shard: str, member: Member, name: str) -> bytes:
-        offset, size, crc = member
-        data = os.pread(self._fd(shard), size, offset)
-        if len(data) != size:
-            raise DataError(f"{self.root / shard}: member {name} is cut short ({len(data)} of {size} bytes at "
-                            f"offset {offset}); {RESHARD_HINT}")
-        if self.verify_crc and zlib.crc32(data) != crc:
-            raise DataError(f"{self.root / shard}: member {name} fails its crc32 check (offset {offset}, "
-                            f"{size} bytes); {RESHARD_HINT}")
-        return data
+        try:
+            return read_member(self._fd(shard), member, self.verify_crc)
+        except DamagedMember as e:
+            raise DataError(f"{self.root / shard}: member {name} {e}; {RESHARD_HINT}") from None
 
 
 def load_manifest(root: Path) -> dict:
     path = root / MANIFEST_NAME
     try:
         manifest = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{root}: not a finished shard folder (no {MANIFEST_NAME}); "
-                        "run tools/shard_ytvos.py --resume to finish it") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(not_a_shard_folder(root)) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot be read as JSON ({e}); re-shard with tools/shard_ytvos.py") from e
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION:
@@ -178,6 +203,29 @@ def load_manifest(root: Path) -> dict:
     return manifest
 
 
+def not_a_shard_folder(root: Path) -> str:
+    """What `root` is instead of a finished shard folder, and what to do; --resume only where a
+    sharding run was started (its journal, report.json, is there)."""
+    if not os.path.exists(root):
+        return (f"{root}: no such folder (a shard folder holds {MANIFEST_NAME}); check the path, or write shards "
+                f"there with tools/shard_ytvos.py --src DATASET --out {root}")
+    if not root.is_dir():
+        return f"{root}: a file, not a shard folder; give the folder that tools/shard_ytvos.py wrote ({MANIFEST_NAME})"
+    unfinished = f"{root}: not a finished shard folder (no {MANIFEST_NAME})"
+    if _is_journal(root / REPORT_NAME):
+        return (f"{unfinished}: it holds an interrupted sharding run; finish it with tools/shard_ytvos.py --resume "
+                f"and the --src and arguments it was started with (its {REPORT_NAME} records them)")
+    return (f"{unfinished}, and no sharding run was started there (no {REPORT_NAME}); write shards there with "
+            f"tools/shard_ytvos.py --src DATASET --out {root}, or give the folder that tool wrote")
+
+
+def _is_journal(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text("utf-8")).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_index(root: Path, shard: dict) -> dict:
     """The index of one manifest shard entry, after checking it and the tar against the manifest."""
     tar_path, index_path = root / shard["name"], root / shard["index"]
@@ -185,12 +233,12 @@ def load_index(root: Path, shard: dict) -> dict:
         tar_bytes = tar_path.stat().st_size
     except FileNotFoundError:
         raise DataError(f"{tar_path}: shard listed in {root / MANIFEST_NAME} is missing; restore it, "
-                        "or re-shard with tools/shard_ytvos.py") from None
+                        f"or re-shard with tools/shard_ytvos.py --repair {root}") from None
     try:
         index = json.loads(index_path.read_text("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{index_path}: index of {tar_path.name} is missing; restore it, or re-shard with "
-                        "tools/shard_ytvos.py") from None
+                        f"tools/shard_ytvos.py --repair {root}") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{index_path}: cannot be read as JSON ({e}); {RESHARD_HINT}") from e
     if index.get("format") != INDEX_FORMAT or index.get("version") != FORMAT_VERSION:

@@ -74,13 +74,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def agree_any(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (stop, save and skip decisions)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def max_over_ranks(value: float, device: torch.device) -> torch.Tensor:
+    """(1,) float32 on `device`: the largest `value` of any rank (stop, save and skip decisions). Made
+    by a fill on the device and reduced there: reading it is the caller's one wait."""
+    t = torch.full((1,), float(value), dtype=torch.float32, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

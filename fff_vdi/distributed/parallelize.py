@@ -6,8 +6,9 @@
   2. torch.compile per block (in place, so parameter names do not change),
   3. FSDP2 `fully_shard` per block, then at the root, with bf16 parameters and fp32 gradient
      reduction; HSDP (replicate across groups, shard within) when `hsdp_replicas` > 1. Frozen
-     parameters stay out of FSDP unless `shard_frozen`: cast to the compute dtype and replicated,
-     they need no all-gather (`frozen_originals` keeps their full-precision values for the export).
+     parameters stay out of FSDP unless `shard_frozen`: cast to the compute dtype in place and
+     replicated, they need no all-gather. Nothing reads them back at their loaded precision: the
+     export (train/export.py) takes every frozen tensor from the base weights again.
 
 "Blocks" are the UNet's top-level stages: the noise refiner, each down block, the mid block and each
 up block. The model code knows nothing of this; frozen networks (VAE, CLIP, RAFT, flow completion)
@@ -20,6 +21,7 @@ import logging
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map_only
 
 from fff_vdi.config import ParallelConfig
 
@@ -74,6 +76,14 @@ def apply_activation_checkpointing(unet: nn.Module, mode: str, every: int = 2) -
     return wrapped
 
 
+def state_dict_name(parameter_name: str) -> str:
+    """A parameter's name as state dicts and checkpoints spell it: without the activation-checkpointing
+    wrappers' component (`named_parameters()` of the wrapped UNet includes it)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
+    return parameter_name.replace(_CHECKPOINT_PREFIX, "")
+
+
 def apply_compile(unet: nn.Module, **compile_kwargs) -> None:
     """torch.compile every block in place, with static shapes (`dynamic=False`).
 
@@ -106,16 +116,34 @@ def build_mesh(world_size: int, device_type: str, hsdp_replicas: int):
     return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
 
 
-def frozen_originals(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """A host copy of the frozen parameters at their current precision, by name: what the export
-    writes for them once `apply_fsdp` has cast them to the compute dtype."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in unet.named_parameters() if not p.requires_grad}
+@torch.compiler.disable  # runs on the compiled block's outputs, like FSDP's own hooks
+def _copy_view_outputs(module: nn.Module, args, output):
+    """A forward hook run before FSDP2's: outputs that are views of another tensor, copied.
+
+    FSDP2 hangs its pre-backward hook (the all-gather of the unit's parameters for its backward) on
+    every output tensor of a unit, and an in-place op on a view output would silently drop it, so it
+    warned on every step ("returned a view tensor ... can cause backward to fail or produce wrong
+    gradients"). Three units return views: the root (its output unflattened to (B, T, ...)), the
+    last down block and the mid block (SpatioTemporalResBlock ends by permuting its (B, C, T, h, w)
+    result back to (B*T, C, h, w), which is a view: the elementwise mix before it keeps its inputs'
+    (B*T, C, h, w) memory layout). No consumer of theirs works in place, so the gradients were
+    right; copying them (the smallest feature maps and the output: about 3 MB per clip at SVD-XT
+    size and 512x256 in bf16) makes it so for good, and the warning goes."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if t._base is None or not t.requires_grad:
+            return t
+        return copies.setdefault(id(t), t.clone())  # the same tensor twice (a block's output and skip): one copy
+
+    return tree_map_only(torch.Tensor, own, output)
 
 
 def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_forward: bool,
                shard_frozen: bool) -> int:
     """Shard per block and at the root. With `shard_frozen` False the parameters that do not train
     are cast to `param_dtype` in place and left out of FSDP (replicated; FSDP2's `ignored_params`).
+    Every unit's view outputs are copied first (`_copy_view_outputs`).
     Returns the number of parameter elements left out."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -132,23 +160,31 @@ def apply_fsdp(unet: nn.Module, mesh, param_dtype: torch.dtype, reshard_after_fo
         fully_shard(block, mesh=mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
                     ignored_params={p for p in block.parameters() if p in frozen} or None)
+        block.register_forward_hook(_copy_view_outputs, prepend=True)
     fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward,
                 ignored_params=frozen or None)
+    unet.register_forward_hook(_copy_view_outputs, prepend=True)
     return sum(p.numel() for p in frozen)
 
 
 def parallelize_unet(unet: nn.Module, cfg: ParallelConfig, world_size: int, device: torch.device,
                      compile_kwargs: dict | None = None) -> nn.Module:
     """Apply checkpointing, compile and FSDP2 to `unet` in place (see module docstring).
-    `compile_kwargs` go to torch.compile when cfg.compile is on (benchmarks: fullgraph, backend)."""
+    `compile_kwargs` go to torch.compile when cfg.compile is on (benchmarks: another backend)."""
+    if not cfg.fsdp and world_size > 1:
+        from fff_vdi.errors import ConfigError
+
+        raise ConfigError("experiment.parallel.fsdp", cfg.fsdp,
+                          f"without FSDP nothing would reduce the gradients of {world_size} processes: "
+                          "use one process, or fsdp=true")
     n = apply_activation_checkpointing(unet, cfg.activation_checkpointing, cfg.selective_every)
     if cfg.compile:
-        if cfg.force_channels_last:
-            import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config
 
-            # Inductor's heuristic keeps NCHW for graphs with a conv of many more input than output
-            # channels, which covers every up block and the refiner (most of the conv FLOPs).
-            inductor_config.force_layout_optimization = True
+        # Inductor's heuristic keeps NCHW for graphs with a conv of many more input than output
+        # channels, which covers every up block and the refiner (most of the conv FLOPs). A global
+        # setting of inductor's: the frozen networks' graphs get it too.
+        inductor_config.force_layout_optimization = cfg.force_channels_last
         apply_compile(unet, **(compile_kwargs or {}))
     param_dtype = torch.bfloat16 if cfg.mixed_precision == "bfloat16" else torch.float32
     use_fsdp = cfg.fsdp and torch.distributed.is_initialized()

@@ -138,12 +138,15 @@ def warping_error_per_pair(
     iters: int = 20,
     device: torch.device | str = "cpu",
     pairs_per_call: int = 8,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
     """E_warp of each consecutive frame pair (T-1,), unscaled (see the module docstring).
 
     RAFT takes frames in [-1, 1] with sides that are multiples of 8 and at least 128: smaller or
     odd-sized frames are padded by edge replication for the flow and the flow is cropped back.
     A pair without any consistent pixel falls back to the whole frame (as Lai et al.'s code does).
+    `region` (bool (T, H, W)) restricts pair t to the consistent pixels of frame t inside it (e.g. the
+    hole, where an inpainter's frames differ); a pair with none of them is NaN.
     """
     _check_pair(pred, gt)
     if len(gt) < 2:
@@ -157,7 +160,8 @@ def warping_error_per_pair(
         with torch.no_grad():
             flows = _raft_padded(raft, torch.cat([first, second]), torch.cat([second, first]), iters, dtype)
         flow_forward, flow_backward = flows.chunk(2)
-        errors.extend(_warping_errors(pred[start : stop + 1], flow_forward, flow_backward))
+        region_part = None if region is None else region[start : stop]
+        errors.extend(_warping_errors(pred[start : stop + 1], flow_forward, flow_backward, region_part))
     return np.asarray(errors)
 
 
@@ -174,15 +178,21 @@ def warping_error_per_pair_dis(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.asarray(_warping_errors(pred, flows(grey[:-1], grey[1:]), flows(grey[1:], grey[:-1])))
 
 
-def _warping_errors(pred: np.ndarray, flow_forward: torch.Tensor, flow_backward: torch.Tensor) -> list[float]:
+def _warping_errors(pred: np.ndarray, flow_forward: torch.Tensor, flow_backward: torch.Tensor,
+                    region: np.ndarray | None = None) -> list[float]:
     """Per pair: the prediction's frame t+1 warped back to t along the forward flow, squared difference
-    in [0, 1] RGB over the forward-backward consistent pixels; pred has one frame more than the flows."""
+    in [0, 1] RGB over the forward-backward consistent pixels (within `region`, one bool (H, W) a pair,
+    when given: NaN where none); pred has one frame more than the flows."""
     device = flow_forward.device
     valid = forward_backward_validity(flow_forward, flow_backward)
     pred_frames = torch.from_numpy(pred).to(device).permute(0, 3, 1, 2).float() / 255.0
     squared = (flow_warp(pred_frames[1:], flow_forward) - pred_frames[:-1]) ** 2
     errors = []
     for k in range(len(squared)):
+        if region is not None:
+            mask = valid[k] * torch.from_numpy(region[k]).to(valid.device, valid.dtype)
+            errors.append(float((squared[k] * mask).sum() / (3 * mask.sum())) if mask.sum() > 0 else float("nan"))
+            continue
         mask = valid[k] if valid[k].sum() > 0 else torch.ones_like(valid[k])
         errors.append(float((squared[k] * mask).sum() / (3 * mask.sum())))
     return errors

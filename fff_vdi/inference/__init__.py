@@ -2,8 +2,10 @@
 
     sampler.py   InpaintSampler: one clip through the published sampling (also the trainer's validation)
     windows.py   overlapping windows, each continuing the previous one, cross-faded: any video length
+    memory.py    the GPU memory plan: offload, feed-forward chunking, VAE chunk for a memory budget
     video_io.py  frames / videos / masks on disk, resizing, compositing, PNG and mp4 output
-The command line is `python -m fff_vdi.inpaint` (fff_vdi/inpaint.py).
+    segmentation.py  masks from clicks: SAM2 propagation through a video, label PNGs
+The command lines are `python -m fff_vdi.inpaint` (fff_vdi/inpaint.py) and `python -m fff_vdi.segment`.
 """
 
 from fff_vdi.inference.sampler import InpaintSampler

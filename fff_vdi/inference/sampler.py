@@ -26,6 +26,13 @@ What happens, in the published order:
 4. First-frame filling: the published `ddim_inversion` (see `_first_frame_filling`), then the
    Euler loop of SVD's `EulerDiscreteScheduler`, then VAE decoding `decode_chunk` frames at a time.
 
+Memory (fff_vdi/inference/memory.py chooses these for a GPU): `offload=True` keeps every network on
+the host and moves each to the device only while it runs (RAFT and flow completion, the VAE, CLIP,
+the UNet for the whole denoising loop, the VAE again), so the device holds one network's weights at
+a time; `decode_chunk` frames go through the VAE per call (its activations grow with it);
+`ff_chunking` runs the UNet's feed-forward layers one frame at a time (diffusers'
+`enable_forward_chunking`: the same result, a fraction of their activation memory).
+
 The UNet is called exactly 2 * num_steps times whatever the data (FSDP ranks stay in step).
 All randomness (condition noise, then initial latents) comes from `generator` (drawn on the
 generator's device, so a CPU generator gives the same noise on any device). The published code
@@ -37,7 +44,8 @@ the kept half, in chunks that stay inside the clip.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from diffusers import EulerDiscreteScheduler
@@ -62,7 +70,8 @@ class InpaintSampler:
     and flows in float32. Without it, `components.unet` is put on `device` in `dtype`. The frozen
     networks (VAE, CLIP, RAFT, flow completion) are put on `device` in `dtype` in place (no-ops
     when they are there already; a trainer sharing them should pass the dtype they have).
-    `device` defaults to where the VAE is.
+    `device` defaults to where the VAE is. With `offload` the networks stay on the host (in `dtype`)
+    and visit `device` one at a time; it needs the sampler's own UNet (no `unet`).
     """
 
     def __init__(
@@ -80,6 +89,8 @@ class InpaintSampler:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         unet: torch.nn.Module | None = None,
+        offload: bool = False,
+        ff_chunking: bool = False,
     ):
         if not isinstance(components.scheduler, EulerDiscreteScheduler):
             raise WeightsError(
@@ -95,13 +106,19 @@ class InpaintSampler:
         self.raft_iters, self.decode_chunk = raft_iters, decode_chunk
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else next(components.vae.parameters()).device
+        if offload and unet is not None:
+            raise ValueError("InpaintSampler: offload moves the sampler's own networks; a passed-in unet stays where it is")
+        self.offload = offload
+        home = torch.device("cpu") if offload else self.device
 
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast.
         for name in ("vae", "image_encoder", "raft", "flow_completion"):
-            torch.nn.Module.to(getattr(components, name), device=self.device, dtype=dtype).eval()
+            torch.nn.Module.to(getattr(components, name), device=home, dtype=dtype).eval()
         self.vae, self.raft, self.flow_completion = components.vae, components.raft, components.flow_completion
         self.image_encoder, self.feature_extractor = components.image_encoder, components.feature_extractor
-        self.unet = unet if unet is not None else torch.nn.Module.to(components.unet, device=self.device, dtype=dtype).eval()
+        self.unet = unet if unet is not None else torch.nn.Module.to(components.unet, device=home, dtype=dtype).eval()
+        if unet is None:
+            set_feed_forward_chunking(self.unet, ff_chunking)
         # A scheduler of our own: set_timesteps / scale_model_input / step keep state (the step index).
         self.scheduler = EulerDiscreteScheduler.from_config(components.scheduler.config)
 
@@ -129,7 +146,8 @@ class InpaintSampler:
 
         flows = self.completed_flows(frames, masks) if flows is None else tuple(f.to(self.device, torch.float32) for f in flows)
         cond_latents = self.condition_latents(frames, masks, generator)
-        image_embeds = encode_first_frame(self.image_encoder, self.feature_extractor, frames).float()
+        with self.resident(self.image_encoder):
+            image_embeds = encode_first_frame(self.image_encoder, self.feature_extractor, frames).float()
         # The guidance batch is [negative; positive]: zero embedding and zero condition latents first.
         cond_latents = torch.cat([torch.zeros_like(cond_latents), cond_latents])
         image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
@@ -154,21 +172,38 @@ class InpaintSampler:
         latent_shape = (b, t, self.vae.config.latent_channels, frames.shape[-2] // 8, frames.shape[-1] // 8)
         latents = randn_tensor(latent_shape, generator=generator, device=self.device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
-        latents = self._first_frame_filling(latents, unet)
+        with self.resident(self.unet):
+            latents = self._first_frame_filling(latents, unet)
 
-        scheduler.set_timesteps(self.num_steps, device=self.device)  # as published: resets the step index
-        for timestep in scheduler.timesteps:
-            prediction = unet(scheduler.scale_model_input(latents, timestep), timestep)
-            uncond, cond = prediction.chunk(2)
-            guided = uncond + guidance * (cond - uncond)
-            # Published quirk: the latents still hold both halves of the inversion's doubled batch,
-            # and the single guided prediction updates both (by broadcasting, for B = 1).
-            latents = scheduler.step(torch.cat([guided, guided]), timestep, latents).prev_sample
+            scheduler.set_timesteps(self.num_steps, device=self.device)  # as published: resets the step index
+            for timestep in scheduler.timesteps:
+                prediction = unet(scheduler.scale_model_input(latents, timestep), timestep)
+                uncond, cond = prediction.chunk(2)
+                guided = uncond + guidance * (cond - uncond)
+                # Published quirk: the latents still hold both halves of the inversion's doubled batch,
+                # and the single guided prediction updates both (by broadcasting, for B = 1).
+                latents = scheduler.step(torch.cat([guided, guided]), timestep, latents).prev_sample
 
         # Published quirk: the pipeline decodes both halves and the validation keeps `.frames[0]`,
         # the first half (the one whose inversion ran with the negative condition): decode only that.
-        decoded = decode_latents(self.vae, latents[:b], chunk=self.decode_chunk)
+        with self.resident(self.vae):
+            decoded = decode_latents(self.vae, latents[:b], chunk=self.decode_chunk)
         return decoded.clamp(-1.0, 1.0).to(frames_btchw.device)
+
+    @contextlib.contextmanager
+    def resident(self, *modules: torch.nn.Module) -> Iterator[None]:
+        """With offload: the modules on the device inside the block, back on the host after it
+        (their freed device memory stays in PyTorch's cache for the next stage). Otherwise nothing."""
+        if not self.offload:
+            yield
+            return
+        for module in modules:
+            torch.nn.Module.to(module, self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                torch.nn.Module.to(module, "cpu")
 
     def _first_frame_filling(self, latents: torch.Tensor, unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The published `ddim_inversion`, arithmetic and quirks included; returns the (2B, ...) latents.
@@ -205,15 +240,28 @@ class InpaintSampler:
         """RAFT flows between neighbours of the frames as given, completed inside the holes (float32)."""
         h, w = frames.shape[-2:]
         pairs = max(1, RAFT_CORRELATION_BUDGET_BYTES // _correlation_bytes_per_pair(h, w))
-        flows_forward, flows_backward = self.raft.bidirectional(frames, iters=self.raft_iters, max_pairs_per_call=pairs)
-        return self.flow_completion(flows_forward.float(), flows_backward.float(), masks)
+        with self.resident(self.raft, self.flow_completion):
+            flows_forward, flows_backward = self.raft.bidirectional(frames, iters=self.raft_iters, max_pairs_per_call=pairs)
+            return self.flow_completion(flows_forward.float(), flows_backward.float(), masks)
 
     def condition_latents(self, frames: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Unscaled VAE mode of the masked frames plus `noise_aug_strength` noise, float32 (B, T, 4, h, w)."""
         masked = frames * (1 - masks)
         noise = randn_tensor(masked.shape, generator=generator, device=self.device, dtype=torch.float32)
-        latents = encode_frames(self.vae, masked + self.noise_aug_strength * noise, sample=False, scaled=False, chunk=self.decode_chunk)
+        with self.resident(self.vae):
+            latents = encode_frames(self.vae, masked + self.noise_aug_strength * noise, sample=False, scaled=False, chunk=self.decode_chunk)
         return latents.float()
+
+
+def set_feed_forward_chunking(unet: torch.nn.Module, enabled: bool) -> None:
+    """Feed-forward layers one frame at a time (spatial blocks: one image of the batch; temporal
+    blocks: one frame of the sequence), or all at once."""
+    if enabled:
+        unet.enable_forward_chunking(chunk_size=1, dim=0)
+        return
+    for module in unet.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(None)
 
 
 def _correlation_bytes_per_pair(height: int, width: int) -> int:

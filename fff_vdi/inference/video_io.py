@@ -3,9 +3,10 @@
 A video is a folder of frames (jpg/png/bmp, in natural order: 2.png before 10.png), a video file
 (mp4, avi, mov, mkv, webm), or a YouTube-VOS / DAVIS dataset root with a video id
 (`ROOT/JPEGImages/<id>/`). Masks are a folder of images with one image per frame (nonzero = hole;
-palette PNGs such as YouTube-VOS `Annotations/<id>/` count every object index as hole), a mask
-video (brighter than 127 = hole: lossy codecs blur the exact zeros), or a dataset root with the
-same id (`Annotations/<id>/` or `Masks/<id>/`).
+palette PNGs such as YouTube-VOS `Annotations/<id>/` count every object index as hole), one image
+used for every frame (a logo or watermark that does not move), a mask video (brighter than 127 =
+hole: lossy codecs blur the exact zeros), or a dataset root with the same id (`Annotations/<id>/`
+or `Masks/<id>/`).
 
 Sources read their frames on demand, in order, so that a long video never has to sit in memory at
 full resolution. Frames are RGB uint8 (H, W, 3), masks bool (H, W). Every problem with the input
@@ -15,7 +16,6 @@ is an `InputError` that names the file and the fix.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fff_vdi.errors import InputError
 from fff_vdi.utils.atomic import TMP_MARK, fsync_dir
+from fff_vdi.utils.paths import natural_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -35,13 +36,9 @@ MASK_DIRS = ("Annotations", "Masks")  # ROOT/Annotations/<id>/ (YouTube-VOS) or 
 MASK_VIDEO_THRESHOLD = 127
 
 
-def natural_key(path: Path) -> list:
-    """Sort key that orders numbered files by number: frame2 < frame10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
-
-
 def image_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+    images = (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(images, key=lambda p: natural_key(p.name))
 
 
 def is_video_file(path: Path) -> bool:
@@ -124,11 +121,18 @@ def open_video(path: str | Path, video_id: str | None = None) -> FrameSource:
     raise InputError(f"--video {path}: not a folder of frames or a video file ({', '.join(VIDEO_SUFFIXES)})")
 
 
-def open_masks(path: str | Path | None, video_id: str | None = None) -> MaskSource:
-    """A mask folder, a mask video, or (with `video_id`) a dataset root's Annotations/<id>/ or Masks/<id>/."""
+def open_masks(path: str | Path | None, video_id: str | None = None, num_frames: int | None = None) -> MaskSource:
+    """A mask folder, a mask video, (with `video_id`) a dataset root's Annotations/<id>/ or Masks/<id>/,
+    or (with `num_frames`, the video's length) one mask image that holds for every frame."""
     if path is None:
-        raise InputError("--masks is required: a folder with one mask PNG per frame (nonzero = hole), or a mask video")
+        raise InputError("--masks is required: a folder with one mask PNG per frame (nonzero = hole), one mask image "
+                         "for every frame, or a mask video")
     path = _existing(path, "--masks")
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if num_frames is None:
+            raise InputError(f"--masks {path}: one mask image is not accepted here: give one mask per frame (a folder or a mask video)")
+        width, height = _image_size(path)
+        return MaskSource(path, (path,) * num_frames, num_frames, height, width)
     if video_id is not None and not is_frame_folder(path) and not is_video_file(path):
         path = _dataset_member(path, video_id, MASK_DIRS, "--masks")
     if is_video_file(path):
@@ -140,7 +144,7 @@ def open_masks(path: str | Path | None, video_id: str | None = None) -> MaskSour
             raise InputError(f"--masks {path}: no mask images in this folder (expected one PNG per frame, nonzero = hole)")
         width, height = _image_size(files[0])
         return MaskSource(path, tuple(files), len(files), height, width)
-    raise InputError(f"--masks {path}: not a folder of mask images or a mask video ({', '.join(VIDEO_SUFFIXES)})")
+    raise InputError(f"--masks {path}: not a folder of mask images, a mask image or a mask video ({', '.join(VIDEO_SUFFIXES)})")
 
 
 def is_inpaint_output(path: Path) -> bool:
@@ -164,7 +168,7 @@ def find_videos(path: str | Path, flag: str, dataset_dirs: tuple[str, ...] = FRA
     if single is not None:
         return {path.stem if path.is_file() else path.name: single}
     videos = {}
-    for entry in sorted(path.iterdir(), key=natural_key):
+    for entry in sorted(path.iterdir(), key=lambda p: natural_key(p.name)):
         video = _as_video(entry)
         if video is not None:
             videos[entry.stem if entry.is_file() else entry.name] = video
@@ -367,18 +371,19 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 class Mp4Writer:
-    """An mp4 (MPEG-4 part 2, 'mp4v': the codec every OpenCV build has) written frame by frame.
+    """An mp4 (MPEG-4 part 2, 'mp4v': the codec every OpenCV build has) written frame by frame; with
+    codec="VP80" and a .webm path, a VP8 WebM (what browsers play; OpenCV's FFmpeg has no H.264 encoder).
 
     Odd frame sizes are padded by one replicated row/column: the encoder needs even sizes and
     would otherwise crop.
     """
 
-    def __init__(self, path: Path, fps: float, height: int, width: int):
+    def __init__(self, path: Path, fps: float, height: int, width: int, codec: str = "mp4v"):
         self.path = path
         self.size = (height + height % 2, width + width % 2)
-        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (self.size[1], self.size[0]))
+        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), float(fps), (self.size[1], self.size[0]))
         if not self.writer.isOpened():
-            raise OSError(f"{path}: OpenCV cannot open an mp4 writer (fps {fps}, {width}x{height}): check the folder and the OpenCV build")
+            raise OSError(f"{path}: OpenCV cannot open a {codec} writer (fps {fps}, {width}x{height}): check the folder and the OpenCV build")
 
     def write(self, rgb: np.ndarray) -> None:
         pad_h, pad_w = self.size[0] - rgb.shape[0], self.size[1] - rgb.shape[1]
@@ -396,14 +401,15 @@ class Mp4Writer:
         self.close()
 
 
-def write_mp4(path: str | Path, frames_thwc: Iterable[np.ndarray], fps: float) -> None:
-    """uint8 RGB frames (H, W, 3) as an mp4, written under a temporary name and renamed when complete."""
+def write_mp4(path: str | Path, frames_thwc: Iterable[np.ndarray], fps: float, codec: str = "mp4v") -> None:
+    """uint8 RGB frames (H, W, 3) as an mp4 (or, with codec="VP80", a .webm), written under a temporary
+    name and renamed when complete."""
     path = Path(path)
     frames = iter(frames_thwc)
     first = next(frames)
     tmp = path.with_name(f"{path.stem}{TMP_MARK}{secrets.token_hex(4)}{path.suffix}")  # OpenCV picks the container by suffix
     try:
-        with Mp4Writer(tmp, fps, *first.shape[:2]) as writer:
+        with Mp4Writer(tmp, fps, *first.shape[:2], codec=codec) as writer:
             writer.write(first)
             for frame in frames:
                 writer.write(frame)

@@ -11,9 +11,20 @@ sampler as known pixels (the current result composited into the input) with thei
 The first frame's CLIP embedding, the flows and the noise refiner then carry the existing content
 into the new frames instead of inventing new content.
 
-Blending: in those overlap frames the new window's output is cross-faded with the current result
-by linear weights, (j + 1) / (m + 1) for the new window at overlap frame j of m, so the transition
-from one window's content to the next has no seam.
+Blending (`blend`) of the m overlap frames:
+
+- "crossfade" (default): all m are known to the new window; its output there is cross-faded with
+  the current result by linear weights, (j + 1) / (m + 1) for the new window at overlap frame j.
+  Its output on known frames is close to them, so the new content starts at the first frame after
+  the overlap.
+- "keep": all m are known; the current result is kept there (no cross-fade): the baseline that
+  shows what the cross-fade does.
+- "handover": the first ceil(m / 2) are known; in the others the new window inpaints the hole
+  itself, and its frames are cross-faded with the previous window's, (i + 1) / (n + 1) at frame i
+  of those n: both windows generated them, so the change from one window's content to the next is
+  spread over n frames instead of falling between two.
+
+bench/seams.py measures them (E_warp across window borders against inside windows).
 
 Everything here works at the model's size on the CPU; only one window at a time goes to the
 sampler's device. Frames are finished (and yielded) as soon as no later window covers them.
@@ -69,16 +80,34 @@ def crossfade_weights(num_known: int) -> np.ndarray:
     return (np.arange(num_known, dtype=np.float32) + 1) / (num_known + 1)
 
 
+BLENDS = ("crossfade", "keep", "handover")
+
+
+def overlap_plan(num_overlap: int, blend: str) -> tuple[int, np.ndarray]:
+    """(overlap frames given to the new window as known, weight of the new window's output at each
+    overlap frame) for `blend` (see the module docstring)."""
+    if blend == "crossfade":
+        return num_overlap, crossfade_weights(num_overlap)
+    if blend == "keep":
+        return num_overlap, np.zeros(num_overlap, np.float32)
+    if blend == "handover":
+        known = (num_overlap + 1) // 2
+        return known, np.concatenate([np.zeros(known, np.float32), crossfade_weights(num_overlap - known)])
+    raise InputError(f"--blend {blend}: use one of {', '.join(BLENDS)}")
+
+
 WindowCallback = Callable[[int, int, int, int], None]  # (window index, windows, UNet calls done, UNet calls per window)
 
 
 class WindowedInpainter:
     """Inpaint a whole video at the model's size with an `InpaintSampler`, window after window."""
 
-    def __init__(self, sampler: InpaintSampler, window: int, overlap: int):
+    def __init__(self, sampler: InpaintSampler, window: int, overlap: int, blend: str = "crossfade"):
+        overlap_plan(0, blend)  # checks the name
         self.sampler = sampler
         self.window = window
         self.overlap = overlap
+        self.blend = blend
 
     def __call__(
         self,
@@ -99,9 +128,10 @@ class WindowedInpainter:
         for index, window in enumerate(windows):
             frames = frames_thwc[window.start : window.stop].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
             holes = holes_thw[window.start : window.stop].copy()
-            for j in range(window.num_known):
+            num_known, weights = overlap_plan(window.num_known, self.blend)
+            for j in range(num_known):
                 frames[j] = np.where(holes[j], pending[window.start + j], frames[j])
-            holes[: window.num_known] = False
+            holes[:num_known] = False
 
             if holes.any():
                 callback = None if on_step is None else (lambda done, total, i=index: on_step(i, len(windows), done, total))
@@ -116,7 +146,6 @@ class WindowedInpainter:
                 if on_step is not None:
                     on_step(index, len(windows), self.sampler.num_unet_calls, self.sampler.num_unet_calls)
 
-            weights = crossfade_weights(window.num_known)
             for j in range(len(window)):
                 frame = window.start + j
                 if j < window.num_known:

@@ -7,6 +7,7 @@ Training, inference and benchmarks get their networks from here only:
   `raft=` / `flow_completion=` paths).
 - `build_random_components("svd_xt" | "tiny" | folder)`: the same networks from bundled configs with
   random weights (or on the meta device), no download.
+- `build_components(model_config)`: one of the two, as the configuration (`experiment.model`) says.
 - `save_pipeline(components, out_dir)`: our layout, written into a temporary folder and renamed.
 
 Pipeline layout: model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors),
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from fff_vdi import __version__
+from fff_vdi.config import ModelConfig
 from fff_vdi.errors import ConfigError, WeightsError
 from fff_vdi.models.flow_completion import FLOW_COMPLETION_FILE, FlowCompletionNet, load_flow_completion
 from fff_vdi.models.loading import (
@@ -210,6 +212,16 @@ def build_random_components(
     return _placed(components, torch_dtype or torch.float32, target)
 
 
+def build_components(model: ModelConfig, seed: int, device: torch.device | str | None = None) -> Components:
+    """The networks `experiment.model` names: from the pretrained source (on the CPU), or random from
+    bundled configs drawn from `seed` on `device` (initialising 2.5B parameters on a GPU takes seconds,
+    on the CPU minutes; CPU and GPU draw different numbers from one seed)."""
+    if model.random_init:
+        return build_random_components(model.random_init, seed=seed, device=device)
+    return load_components(model.pretrained, revision=model.revision, unet=model.unet, raft=model.raft,
+                           flow_completion=model.flow_completion)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -236,15 +248,20 @@ def pipeline_index(components: Components) -> dict:
     }
 
 
-def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+PIPELINE_WRITER = "fff_vdi pipeline export"
+
+
+def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state_dict: dict[str, torch.Tensor] | None = None,
+                  overwrite: bool = False) -> Path:
     """Write the pipeline layout to `out_dir`, atomically: into `OUT.tmp-xxxx`, then renamed.
 
     `unet_state_dict` replaces the UNet's own tensors (e.g. a full state dict gathered from FSDP
-    shards by the trainer); its keys and shapes must be the UNet's. An existing `out_dir` is
-    replaced (moved aside, then deleted once the new folder is in place).
+    shards by the trainer); its keys and shapes must be the UNet's. `out_dir` must be absent or
+    empty; with `overwrite` it may also be a pipeline folder written here before, holding nothing
+    else (utils.atomic.check_output_folder): anything else is refused, never deleted.
     """
     out = Path(out_dir)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, PIPELINE_WRITER, overwrite) as tmp:
         _write_unet(components.unet, tmp / "unet", unet_state_dict)
         components.vae.save_pretrained(str(tmp / "vae"))
         components.image_encoder.save_pretrained(str(tmp / "image_encoder"))

@@ -11,6 +11,43 @@ import torch
 import torch.nn.functional as F
 
 
+def latent_moments(vae, frames_btchw: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """(B, T, 2C, h, w): the VAE posterior's parameters (mean, then log-variance, on channels) of every
+    frame, `chunk` frames per encoder call, in the VAE's dtype. What `latents_from_moments` samples."""
+    b, t = frames_btchw.shape[:2]
+    dtype = next(vae.parameters()).dtype
+    frames = frames_btchw.flatten(0, 1).to(dtype)
+    moments = [vae.encode(frames[start : start + chunk]).latent_dist.parameters for start in range(0, frames.shape[0], chunk)]
+    return torch.cat(moments).unflatten(0, (b, t))
+
+
+def latents_from_moments(
+    vae,
+    moments_btchw: torch.Tensor,
+    *,
+    sample: bool,
+    scaled: bool,
+    chunk: int = 16,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Latents (B, T, C, h, w) from `latent_moments`: sample=True draws from the posterior (training),
+    False takes its mode (inference condition); scaled=True multiplies by the VAE's scaling factor
+    (0.18215 for SVD). The published training scales the target latents but not the condition latents.
+    The draws are made per `chunk` frames, as diffusers' posterior of each encoder call makes them."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    b, t = moments_btchw.shape[:2]
+    moments = moments_btchw.flatten(0, 1)
+    latents = []
+    for start in range(0, moments.shape[0], chunk):
+        posterior = DiagonalGaussianDistribution(moments[start : start + chunk])
+        latents.append(posterior.sample(generator) if sample else posterior.mode())
+    latents = torch.cat(latents)
+    if scaled:
+        latents = latents * vae.config.scaling_factor
+    return latents.unflatten(0, (b, t))
+
+
 def encode_frames(
     vae,
     frames_btchw: torch.Tensor,
@@ -20,23 +57,9 @@ def encode_frames(
     chunk: int = 16,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """VAE latents of every frame, `chunk` frames per encoder call, in the VAE's dtype.
-
-    sample=True draws from the posterior (training), False takes its mode (inference condition);
-    scaled=True multiplies by the VAE's scaling factor (0.18215 for SVD). The published training
-    scales the target latents but not the condition latents.
-    """
-    b, t = frames_btchw.shape[:2]
-    dtype = next(vae.parameters()).dtype
-    frames = frames_btchw.flatten(0, 1).to(dtype)
-    latents = []
-    for start in range(0, frames.shape[0], chunk):
-        posterior = vae.encode(frames[start : start + chunk]).latent_dist
-        latents.append(posterior.sample(generator) if sample else posterior.mode())
-    latents = torch.cat(latents)
-    if scaled:
-        latents = latents * vae.config.scaling_factor
-    return latents.unflatten(0, (b, t))
+    """VAE latents of every frame (`latent_moments`, then `latents_from_moments`)."""
+    return latents_from_moments(vae, latent_moments(vae, frames_btchw, chunk), sample=sample, scaled=scaled,
+                                chunk=chunk, generator=generator)
 
 
 def decode_latents(vae, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:

@@ -10,7 +10,6 @@ and how to obtain it.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -29,13 +28,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors_file
 
 from fff_vdi.errors import WeightsError
+from fff_vdi.utils.paths import is_hub_repo_id, looked_for_at
 
 RAFT_URL = "https://github.com/sczhou/ProPainter/releases/download/v0.1.0/raft-things.pth"
 FLOW_COMPLETION_URL = "https://github.com/sczhou/ProPainter/releases/download/v0.1.0/recurrent_flow_completion.pth"
 # What a pipeline needs from a Hub repo such as SVD's (its single-file checkpoints are not needed).
 PIPELINE_PATTERNS = "model_index.json 'unet/*' 'vae/*' 'image_encoder/*' 'feature_extractor/*' 'scheduler/*'"
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def weight_file_candidates(stem: str, prefer_half: bool) -> list[str]:
@@ -57,11 +55,12 @@ class WeightsRoot:
         self.revision = revision
         path = Path(self.source).expanduser()
         self.local_path: Path | None = path if path.is_dir() else None
-        if self.local_path is None and not _REPO_ID.match(self.source):
+        if self.local_path is None and not is_hub_repo_id(self.source):
+            what = "is a file, not a folder" if path.exists() else "no such folder"
             raise WeightsError(
-                f"weights source '{self.source}' is neither an existing folder nor a Hugging Face repo id "
-                "(owner/name): give a pipeline folder (e.g. one written by tools/make_tiny_pipeline.py) or a repo id "
-                "such as stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+                f"weights source '{self.source}': {what}: {looked_for_at(path)}; give a pipeline folder (e.g. one "
+                "written by tools/make_tiny_pipeline.py) or a Hugging Face repo id such as "
+                "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
             )
 
     @property
@@ -97,7 +96,7 @@ class WeightsRoot:
                 raise WeightsError(f"revision '{self.revision}' of {self.source} does not exist: check `revision`") from e
             except RepositoryNotFoundError as e:
                 raise WeightsError(
-                    f"'{self.source}' is not a local folder, and no Hugging Face repo of that name is visible to you: "
+                    f"'{self.source}' is not a local folder ({looked_for_at(self.source)}), and no Hugging Face repo of that name is visible to you: "
                     "check the spelling, or log in (`export HF_TOKEN=...` or `hf auth login` / `huggingface-cli login`) if it is private"
                 ) from e
             except LocalEntryNotFoundError:
@@ -128,7 +127,7 @@ def gated_message(repo_id: str) -> str:
 def offline_message(repo_id: str, names: str) -> str:
     why = "HF_HUB_OFFLINE=1 is set" if hub_constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
     return (
-        f"'{repo_id}' is not a local folder, and none of {names} from the Hugging Face repo is in the local cache "
+        f"'{repo_id}' is not a local folder ({looked_for_at(repo_id)}), and none of {names} from the Hugging Face repo is in the local cache "
         f"({hub_constants.HF_HUB_CACHE}) while {why}. "
         f"Pre-download it on a machine with internet: `huggingface-cli download {repo_id} --include {PIPELINE_PATTERNS}` "
         f"(or `hf download ...`; gated repos need a token: accept the licence at https://huggingface.co/{repo_id}, "

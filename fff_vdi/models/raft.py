@@ -142,8 +142,9 @@ class RAFTFlow(nn.Module):
         return hidden, coords1 + delta.float()
 
     @torch.no_grad()
-    def forward(self, image1: torch.Tensor, image2: torch.Tensor, iters: int = 12) -> torch.Tensor:
-        """Flow (N, 2, H, W) in pixels from image1 to image2, images (N, 3, H, W) in [-1, 1]."""
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, iters: int = 12, upsample: bool = True) -> torch.Tensor:
+        """Flow (N, 2, H, W) in pixels from image1 to image2, images (N, 3, H, W) in [-1, 1]; with
+        upsample=False RAFT's own estimate on its 1/8 grid, (N, 2, H/8, W/8), in full-resolution pixels."""
         if image1.shape != image2.shape or image1.dim() != 4 or image1.shape[1] != 3:
             raise InputError(f"RAFT takes two (N, 3, H, W) batches of the same shape, got {tuple(image1.shape)} and {tuple(image2.shape)}")
         if iters < 1:
@@ -169,6 +170,8 @@ class RAFTFlow(nn.Module):
         iteration = self._compiled_iteration or self.iteration
         for _ in range(iters):
             hidden, coords1 = iteration(pyramid, hidden, context, coords0, coords1)
+        if not upsample:
+            return 8 * (coords1 - coords0)
         return upsample_flow(coords1 - coords0, up_mask=raft.mask_predictor(hidden).float())
 
     def bidirectional(

@@ -1,1 +1,1 @@
-"""Training: objective, optimizer, checkpoints, metrics, validation, export and the trainer loop."""
+"""Training: objective, the training step, optimizer, checkpoints, metrics, profiling, validation, export and the trainer loop."""

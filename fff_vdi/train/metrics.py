@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from fff_vdi.utils.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak of the H100 SXM and H200 (the chips' datasheet figure; MFU's denominator).
@@ -51,6 +53,42 @@ def count_train_flops(run_forward_backward: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
+_FLOPS: dict[tuple, int] = {}
+
+
+def unet_train_flops(unet_config: dict, trainable: str, batch: int, frames: int, height: int, width: int,
+                     fast_paths: bool = False) -> int:
+    """FLOPs of one UNet forward + backward of `batch` clips at the training shapes, with the
+    parameters of the `trainer.trainable` rule trained, counted on the meta device without
+    activation checkpointing (no recomputation counted). MFU counts the published model's work
+    (`fast_paths` False); with `fast_paths` the count is the work as run (fast_paths.py removes some)."""
+    key = (json.dumps(unet_config, sort_keys=True, default=str), trainable, batch, frames, height, width, fast_paths)
+    if key in _FLOPS:
+        return _FLOPS[key]
+    from fff_vdi.models.fast_paths import apply_fast_paths
+    from fff_vdi.models.unet import FFFVDIUNet
+    from fff_vdi.train.optim import mark_trainable
+
+    with torch.device("meta"):
+        # diffusers makes a few parameters with torch.Tensor([...]), which ignores the device context.
+        unet = FFFVDIUNet.from_config(unet_config).to("meta")
+        if fast_paths:
+            apply_fast_paths(unet)
+        mark_trainable(unet, trainable)
+        h, w = height // 8, width // 8
+        sample = torch.randn(batch, frames, 2 * unet.config.out_channels, h, w)
+        masks = torch.zeros(batch, frames, 1, height, width)
+        flows = (torch.zeros(batch, frames - 1, 2, height, width),) * 2
+        embeds = torch.randn(batch, 1, unet.config.cross_attention_dim)
+
+    def run():
+        with torch.device("meta"):  # tensors the model creates inside forward land on meta too
+            unet(sample, masks, flows, torch.ones(batch), embeds, torch.ones(batch, 3)).float().square().mean().backward()
+
+    _FLOPS[key] = count_train_flops(run)
+    return _FLOPS[key]
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -59,9 +97,14 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class MetricsWriter:
     """Rank 0 writes every logged step to TensorBoard and to `<run_dir>/metrics.jsonl`, validations to
-    `<run_dir>/validation.jsonl`."""
+    `<run_dir>/validation.jsonl`.
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    A run that starts at `start_step` (the resumed checkpoint's step, 0 when it starts afresh) runs
+    the steps after it again: the rows an interrupted run logged for those are dropped from
+    metrics.jsonl and validation.jsonl (rewritten atomically) and hidden in TensorBoard (SummaryWriter's purge_step),
+    so every step has one row, the one of the run that continued."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = None
@@ -70,8 +113,11 @@ class MetricsWriter:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-            self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            path = Path(run_dir) / "metrics.jsonl"
+            drop_rows_after(path, start_step)
+            drop_rows_after(self.run_dir / "validation.jsonl", start_step)
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            self._jsonl = open(path, "a", buffering=1)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -118,6 +164,25 @@ class MetricsWriter:
             self._jsonl.close()
             if self._validation_jsonl is not None:
                 self._validation_jsonl.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of a JSON-lines log up to `step`; a row cut short by a kill (no valid JSON) goes too."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+        log.info("%s: dropped %d row(s) after step %d, which this run logs again", path, dropped, step)
 
 
 class Heartbeat:

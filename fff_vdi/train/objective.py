@@ -2,7 +2,10 @@
 
 - `FrozenConditioner`: RAFT flows completed in the holes, VAE latents of the clip and of the masked
   clip with noise augmentation, the CLIP embedding of the first frame. Frozen networks, in their own
-  dtype (bf16 by default), under inference mode, outside the UNet's FSDP tree.
+  dtype (bf16 by default), under inference mode, outside the UNet's FSDP tree. What depends on the
+  clean clip alone (`CleanClipFeatures`: RAFT's raw flows, the clip's VAE posterior, the CLIP
+  embedding) is computed online unless the batch delivers it precomputed; what depends on the mask
+  or on the step's random draws is always computed here.
 - `edm_loss`: EDM preconditioning around the UNet with sigma ~ logN(0.7, 1.6), conditioning dropout,
   loss weight (1 + sigma^2) / sigma^2.
 
@@ -20,7 +23,13 @@ import torch.nn.functional as F
 
 from fff_vdi.config import ObjectiveConfig
 from fff_vdi.models.components import Components
-from fff_vdi.models.encoders import device_constants, encode_first_frame, encode_frames
+from fff_vdi.models.encoders import (
+    device_constants,
+    encode_first_frame,
+    encode_frames,
+    latent_moments,
+    latents_from_moments,
+)
 
 
 # The config's dtype names (experiment.model.frozen_dtype, experiment.parallel.mixed_precision).
@@ -56,8 +65,23 @@ class Conditioning:
     flows_backward: torch.Tensor
 
 
+@dataclass
+class CleanClipFeatures:
+    """What the frozen networks compute from the clean clip alone, the same for every mask and every
+    step's draws: what a precomputed conditioning cache can deliver with the batch instead, under the
+    batch key `CLEAN_FEATURES` (the conditioner then runs no RAFT, no clean-clip VAE encode, no CLIP)."""
+
+    raw_flows_forward: torch.Tensor  # (B, T-1, 2, H', W') RAFT between neighbouring frames, before completion;
+    raw_flows_backward: torch.Tensor  # H' x W' is the clip's size times model.flow_scale
+    latent_moments: torch.Tensor  # (B, T, 8, h, w) the clip's VAE posterior (mean, log-variance), unscaled
+    image_embeds: torch.Tensor  # (B, 1, D) CLIP embedding of the unmasked first frame
+
+
+CLEAN_FEATURES = "clean_features"  # the batch key of precomputed CleanClipFeatures
+
+
 class FrozenConditioner:
-    """The frozen networks' part of a step.
+    """The frozen networks' part of a step: `conditioner(batch, gen)` -> Conditioning.
 
     `flow_scale` < 1 (not the published recipe) runs RAFT and flow completion on frames resized by
     that factor, then resizes the flows back and rescales them to full-resolution pixels. Their cost
@@ -89,39 +113,65 @@ class FrozenConditioner:
         self.raft.compile_iterations(**{k: v for k, v in kwargs.items() if k != "dynamic"})
         self.flow_completion.compile_parts(**{k: v for k, v in kwargs.items() if k != "dynamic"})
 
-    def flows(self, pixels: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RAFT on the unmasked frames (published quirk: the flow sees the hole's content), then
-        flow completion inside the holes."""
+    def raw_flows(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RAFT both ways between neighbouring frames, on the unmasked frames (published quirk: the flow
+        sees the hole's content), resized by flow_scale first."""
+        if self.flow_scale != 1.0:
+            b, t, _, h, w = pixels.shape
+            size = (round(h * self.flow_scale), round(w * self.flow_scale))
+            pixels = F.interpolate(pixels.flatten(0, 1).float(), size=size, mode="bilinear", align_corners=False,
+                                   antialias=True).unflatten(0, (b, t))
+        return self.raft.bidirectional(pixels, iters=self.raft_iters)
+
+    def complete_flows(self, raw_forward: torch.Tensor, raw_backward: torch.Tensor,
+                       masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow completion inside the holes, at RAFT's resolution; flows from downscaled frames come
+        back at the clip's size, in its pixels."""
         if self.flow_scale == 1.0:
-            flows_forward, flows_backward = self.raft.bidirectional(pixels, iters=self.raft_iters)
-            return self.flow_completion(flows_forward.float(), flows_backward.float(), masks.float())
-        b, t, _, h, w = pixels.shape
-        size = (round(h * self.flow_scale), round(w * self.flow_scale))
-        frames = F.interpolate(pixels.flatten(0, 1).float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+            return self.flow_completion(raw_forward.float(), raw_backward.float(), masks.float())
+        b, t, _, h, w = masks.shape
+        size = tuple(raw_forward.shape[-2:])
         holes = F.adaptive_max_pool2d(masks.flatten(0, 1).float(), size)  # a pixel touching the hole stays in it
-        flows_forward, flows_backward = self.raft.bidirectional(frames.unflatten(0, (b, t)), iters=self.raft_iters)
-        completed = self.flow_completion(flows_forward.float(), flows_backward.float(), holes.unflatten(0, (b, t)))
+        completed = self.flow_completion(raw_forward.float(), raw_backward.float(), holes.unflatten(0, (b, t)))
         to_pixels = device_constants([w / size[1], h / size[0]], completed[0]).view(1, 2, 1, 1)  # (x, y) factors
         return tuple(
             (F.interpolate(flow.flatten(0, 1), size=(h, w), mode="bilinear", align_corners=False) * to_pixels).unflatten(0, (b, t - 1))
             for flow in completed
         )
 
+    def flows(self, pixels: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RAFT on the unmasked frames, then flow completion inside the holes."""
+        return self.complete_flows(*self.raw_flows(pixels), masks)
+
     @torch.inference_mode()
-    def _compute(self, pixels: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> Conditioning:
+    def clean_features(self, pixels: torch.Tensor) -> CleanClipFeatures:
+        """The mask-independent part, online."""
+        raw_forward, raw_backward = self.raw_flows(pixels)
+        return CleanClipFeatures(raw_forward, raw_backward, latent_moments(self.vae, pixels),
+                                 encode_first_frame(self.image_encoder, self.feature_extractor, pixels))
+
+    @torch.inference_mode()
+    def _compute(self, pixels: torch.Tensor, masks: torch.Tensor, clean: CleanClipFeatures,
+                 gen: torch.Generator) -> Conditioning:
         b = pixels.shape[0]
-        flows_forward, flows_backward = self.flows(pixels, masks)
-        latents = encode_frames(self.vae, pixels, sample=True, scaled=True, generator=gen)
+        flows_forward, flows_backward = self.complete_flows(clean.raw_flows_forward, clean.raw_flows_backward, masks)
+        latents = latents_from_moments(self.vae, clean.latent_moments.to(self.dtype), sample=True, scaled=True, generator=gen)
         cond_sigma = rand_log_normal((b,), self.objective.cond_p_mean, self.objective.cond_p_std, gen, self.device)
         masked = pixels * (1 - masks)
         noise = torch.randn(masked.shape, generator=gen, device=self.device, dtype=torch.float32)
         noisy_masked = masked.float() + cond_sigma.view(b, 1, 1, 1, 1) * noise
         cond_latents = encode_frames(self.vae, noisy_masked, sample=True, scaled=False, generator=gen)
-        image_embeds = encode_first_frame(self.image_encoder, self.feature_extractor, pixels)
-        return Conditioning(latents, cond_latents, cond_sigma, image_embeds, masks, flows_forward, flows_backward)
+        return Conditioning(latents, cond_latents, cond_sigma, clean.image_embeds.to(self.dtype), masks, flows_forward,
+                            flows_backward)
 
-    def __call__(self, pixels: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> Conditioning:
-        out = self._compute(pixels, masks, gen)
+    def __call__(self, batch: dict, gen: torch.Generator) -> Conditioning:
+        """`batch`: pixel_values (B, T, 3, H, W) in [-1, 1], mask_values (B, T, 1, H, W), and optionally
+        CLEAN_FEATURES. The draws from `gen` are the same either way."""
+        pixels, masks = batch["pixel_values"], batch["mask_values"]
+        clean = batch.get(CLEAN_FEATURES)
+        if clean is None:
+            clean = self.clean_features(pixels)
+        out = self._compute(pixels, masks, clean, gen)
         # Inference-mode tensors cannot enter autograd: hand the UNet ordinary copies.
         return Conditioning(*(t.clone() for t in (out.latents, out.cond_latents, out.cond_sigma, out.image_embeds,
                                                    out.masks, out.flows_forward, out.flows_backward)))

@@ -71,7 +71,8 @@ def validation_data_config(data: DataConfig) -> DataConfig:
     if split != "val":
         log.warning("validation: %s has no 'val' split (shard with --val-fraction); validating on '%s' clips",
                     data.shards, split)
-    return replace(data, split=split, batch_size=1, num_workers=0, hflip_prob=0.0, crop_scale=[1.0, 1.0], backend="cpu")
+    return replace(data, split=split, batch_size=1, num_workers=0, hflip_prob=0.0, crop_scale=[1.0, 1.0], backend="cpu",
+                   conditioning=None)
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -127,12 +128,11 @@ def side_by_side(frames_tchw: torch.Tensor, masks_t1hw: torch.Tensor, output_tch
 
 
 class Validator:
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, dist: DistInfo, conditioner, components):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, dist: DistInfo, components):
         self.cfg, self.dist = cfg, dist
         self.out_dir = run_dir / "validation"
         self.data_cfg = validation_data_config(cfg.data)
-        self.components = components
-        self.conditioner = conditioner
+        self.components = components  # the frozen networks as the step's conditioner placed them
 
     def run(self, unet, step: int, metrics) -> dict:
         t = self.cfg.trainer
@@ -171,6 +171,6 @@ class Validator:
         return result
 
     def _score(self, frames: torch.Tensor, masks: torch.Tensor, output: torch.Tensor) -> dict:
-        return {**score_inpainting(frames, masks, output, self.cfg.trainer.val_ewarp_flow, self.conditioner.raft,
+        return {**score_inpainting(frames, masks, output, self.cfg.trainer.val_ewarp_flow, self.components.raft,
                                    self.cfg.model.raft_iters),
-                **score_against_vae(self.conditioner.vae, frames, masks, output)}
+                **score_against_vae(self.components.vae, frames, masks, output)}

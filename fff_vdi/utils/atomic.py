@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from fff_vdi.errors import FFFVDIError, InputError
+
 TMP_MARK = ".tmp-"
 
 
@@ -52,18 +54,81 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
-    """A fresh temporary folder beside `path` to fill; on a clean exit it is renamed to `path`, on an
-    error removed. With `replace`, an existing `path` is moved aside and deleted once the new folder is
-    in place; without, the rename fails on an existing non-empty `path` (and the new folder is removed)."""
+# Every folder a tool of ours writes whole holds this record of the tool and the files it wrote. A
+# folder is only ever replaced (with --overwrite) when the record says the same tool wrote it and it
+# holds nothing else: a training run, shards, or a user's own files are never deleted.
+OUTPUT_RECORD = ".fff_vdi-output.json"
+
+
+class OutputFolderError(FFFVDIError, FileExistsError):
+    """An output folder exists and may not be (re)written."""
+
+
+def _relative_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def check_can_create(path: str | os.PathLike) -> None:
+    """Raise InputError unless `path` (a file or folder to write) can be created: its nearest existing
+    folder must take a new file. Probed with a real file, since permissions are not the whole story
+    (read-only mounts, root); the error comes before the work, not hours later at the rename."""
+    path = Path(path).expanduser().absolute()
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: {folder} is a file, not a folder: choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=f"probe{TMP_MARK}"):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot write into {folder} ({e.strerror}): choose a folder you can write") from None
+
+
+def check_output_folder(path: str | os.PathLike, writer: str, overwrite: bool) -> None:
+    """Raise OutputFolderError unless `writer` may write `path`: absent, an empty folder, or with
+    `overwrite` a folder that `writer` wrote and that holds only the files it wrote. Raise
+    InputError when it could not be created (check_can_create)."""
     path = Path(path)
+    check_can_create(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        raise OutputFolderError(f"{path} exists and is not a folder: choose another output folder")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise OutputFolderError(f"{path} exists and is not empty: choose another folder or pass --overwrite")
+    try:
+        record = json.loads((path / OUTPUT_RECORD).read_text())
+        recorded = set(record["files"]) if record.get("writer") == writer else None
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded is None:
+        raise OutputFolderError(f"{path} was not written by {writer} (it has no {OUTPUT_RECORD} of {writer}'s), so it "
+                                f"is never replaced, --overwrite or not: choose another folder")
+    foreign = [f for f in _relative_files(path) if f != OUTPUT_RECORD and f not in recorded]
+    if foreign:
+        raise OutputFolderError(f"{path} holds {len(foreign)} file(s) that {writer} did not write (e.g. {foreign[0]}), "
+                                f"so it is never replaced: move them out or choose another folder")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, writer: str, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh temporary folder beside `path` to fill; on a clean exit it is renamed to `path`, on an
+    error removed. `path` must be absent or empty, or (with `overwrite`) a folder that `writer` wrote
+    (check_output_folder, checked before and after the work); the old one is moved aside and deleted
+    once the new one is in place. The new folder records `writer` and its files (OUTPUT_RECORD)."""
+    path = Path(path)
+    check_output_folder(path, writer, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{path.name}{TMP_MARK}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         yield tmp
-        if replace and path.exists():
+        atomic_write_json(tmp / OUTPUT_RECORD, {"writer": writer, "files": _relative_files(tmp)})
+        check_output_folder(path, writer, overwrite)  # the work may take hours: look again
+        if path.exists():
             old = path.parent / f"{path.name}{TMP_MARK}old-{secrets.token_hex(4)}"
             os.rename(path, old)
             os.rename(tmp, path)

@@ -16,7 +16,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 
-from fff_vdi.data.spool import Payload, Spool
+from fff_vdi.sharder.spool import Payload, Spool
 
 _flush_to_disk = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
