@@ -158,8 +158,10 @@ def train(args: argparse.Namespace, base: list[str], run_dir: Path) -> dict:
             "validate_every": every}
     log(f"training: {step_s:.3f} s per step, {validation_s:.1f} s per validation: {max_steps} steps, "
         f"validating every {every}")
+    # A checkpoint at every validation: a call cut short (a time limit, SIGTERM: the trainer saves and
+    # exits) loses at most one interval, and the next call with the same --work continues from it.
     launch(base + [f"experiment.trainer.max_steps={max_steps}", f"experiment.trainer.validate_every={every}",
-                   f"experiment.trainer.checkpoint_every={max_steps}"], args.work / "train.log")
+                   f"experiment.trainer.checkpoint_every={every}"], args.work / "train.log")
     return plan
 
 
