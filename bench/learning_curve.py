@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
+    command = "python bench/learning_curve.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(args.work / "calls.jsonl", "a") as calls:  # a run that took several calls names each of them
+        calls.write(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command}) + "\n")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shards, pipeline, run_dir = args.work / "shards", args.work / "pipeline", args.work / "run"
     base = [f"experiment={EXPERIMENT}", f"experiment.model.pretrained={pipeline}", f"experiment.data.shards={shards}",
@@ -310,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "title": f"FFF-VDI '{args.model_config}' ({unet_params / 1e6:.0f}M UNet) from scratch on synthetic videos",
         "card": card,
-        "command": "python bench/learning_curve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
+        "calls": [json.loads(line) for line in (args.work / "calls.jsonl").read_text().splitlines()],
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "setup": {
