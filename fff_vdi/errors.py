@@ -48,3 +48,22 @@ def write_launcher_error(message: str) -> None:
             json.dump(record, f)
     except OSError:
         pass  # the message was printed already; torchrun then shows its generic root cause
+
+
+def run_command(work, writing=None, prog: str = "error") -> int:
+    """A command-line tool's exit code for `work()`: 0 when it returns; otherwise one line on stderr,
+    no traceback: 2 for input the user can fix (an FFFVDIError names it), 1 for an OS error the
+    checks up front cannot foresee (a full disk, a failing drive) while writing `writing`."""
+    import sys
+
+    from fff_vdi.utils.paths import os_error_text
+
+    try:
+        work()
+    except FFFVDIError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{prog}: {os_error_text(e, writing)}", file=sys.stderr)
+        return 1
+    return 0

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fff_vdi.errors import FFFVDIError, InputError
+from fff_vdi.errors import InputError, run_command
 from fff_vdi.inference.memory import GIB, MemoryPlan, network_bytes, plan_memory
 from fff_vdi.inference.sampler import InpaintSampler
 from fff_vdi.inference.video_io import (
@@ -114,15 +114,7 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        inpaint(args)
-    except FFFVDIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error while writing {args.out}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: inpaint(args), writing=args.out)
 
 
 def inpaint(args: argparse.Namespace, components: Components | None = None, progress: WindowCallback | None = None) -> Path:

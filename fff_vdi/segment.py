@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fff_vdi.errors import FFFVDIError, InputError
+from fff_vdi.errors import InputError, run_command
 from fff_vdi.inference.segmentation import CLICK_SYNTAX, VideoSegmenter, check_clicks, dilate_labels, parse_click, write_label_masks
 from fff_vdi.inference.video_io import FrameSource, open_video
 from fff_vdi.inpaint import inference_device, inference_dtype
@@ -57,15 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        segment(args)
-    except FFFVDIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error while writing {args.out}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: segment(args), writing=args.out)
 
 
 def segment(args: argparse.Namespace) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no installation
 
-from fff_vdi.errors import FFFVDIError  # noqa: E402
+from fff_vdi.errors import run_command  # noqa: E402
 from fff_vdi.models import build_random_components, save_pipeline  # noqa: E402
 from fff_vdi.models.components import PIPELINE_WRITER  # noqa: E402
 from fff_vdi.utils.atomic import check_output_folder  # noqa: E402
@@ -28,17 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if a pipeline export wrote it (anything else is never replaced)")
     args = parser.parse_args(argv)
-    try:
+    def write() -> None:
         check_output_folder(args.out, PIPELINE_WRITER, args.overwrite)  # before the networks are built
-        out = save_pipeline(build_random_components("tiny", seed=args.seed), args.out, overwrite=args.overwrite)
-    except FFFVDIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: while writing {args.out}: {e}", file=sys.stderr)
-        return 1
-    print(f"tiny pipeline written to {out}")
-    return 0
+        save_pipeline(build_random_components("tiny", seed=args.seed), args.out, overwrite=args.overwrite)
+
+    code = run_command(write, writing=args.out)
+    if code == 0:
+        print(f"tiny pipeline written to {args.out}")
+    return code
 
 
 if __name__ == "__main__":

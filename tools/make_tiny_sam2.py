@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no installation
 
-from fff_vdi.errors import FFFVDIError  # noqa: E402
+from fff_vdi.errors import run_command  # noqa: E402
 from fff_vdi.models.sam2 import ARCHITECTURES, build_random_sam2, save_sam2  # noqa: E402
 
 
@@ -26,16 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="tiny")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if this tool wrote it (anything else is never replaced)")
     args = parser.parse_args(argv)
-    try:
-        out = save_sam2(*build_random_sam2(args.architecture, seed=args.seed), args.out, overwrite=args.overwrite)
-    except FFFVDIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: while writing {args.out}: {e}", file=sys.stderr)
-        return 1
-    print(f"random SAM2 ({args.architecture}) written to {out}")
-    return 0
+    code = run_command(lambda: save_sam2(*build_random_sam2(args.architecture, seed=args.seed), args.out,
+                                         overwrite=args.overwrite), writing=args.out)
+    if code == 0:
+        print(f"random SAM2 ({args.architecture}) written to {args.out}")
+    return code
 
 
 if __name__ == "__main__":

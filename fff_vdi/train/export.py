@@ -22,7 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from fff_vdi.config import ExperimentConfig
-from fff_vdi.errors import FFFVDIError
+from fff_vdi.errors import FFFVDIError, run_command
 from fff_vdi.models.components import PIPELINE_WRITER, build_components, save_pipeline
 from fff_vdi.train.checkpoint import list_checkpoints, resolve_resume
 from fff_vdi.train.optim import updated_parameter_names
@@ -94,16 +94,12 @@ def main(argv=None) -> int:
                     help="replace --out if an earlier export wrote it (anything else is never replaced)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        path = export_from_checkpoint(args.run, args.checkpoint, args.out, args.ema, args.overwrite)
-    except FFFVDIError as e:
-        print(f"export: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"export: while writing {args.out}: {e}", file=sys.stderr)
-        return 1
-    print(f"exported {path} to {args.out}")
-    return 0
+    exported = []
+    code = run_command(lambda: exported.append(export_from_checkpoint(args.run, args.checkpoint, args.out, args.ema,
+                                                                      args.overwrite)), writing=args.out, prog="export")
+    if code == 0:
+        print(f"exported {exported[0]} to {args.out}")
+    return code
 
 
 if __name__ == "__main__":
