@@ -16,24 +16,16 @@ SHARED = REPO.parent / "shared"
 # Keep torch from oversubscribing the 2-core CI machine when tests start processes.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# scripts/test.sh runs the suite on two xdist workers with --dist loadgroup. A module's tests stay on one
-# worker, so its module-scoped fixtures (a training run, a browser, a cache) are built once; the modules
-# in SPREAD_MODULES are long and their shared fixtures cheap, so their tests are spread one by one,
-# except those sharing test_train's straight run, which stay together. The longest modules are handed
-# out first (LONGEST_FIRST, a minute or more each), so that the two workers finish together.
-SPREAD_MODULES = {"test_train", "test_bad_input", "test_outputs_safe", "test_inference"}
-LONGEST_FIRST = ["test_learning", "test_train", "test_bench_train_step", "test_outputs_safe", "test_conditioning",
-                 "test_inference", "test_launch", "test_app_browser", "test_bad_input"]
+# scripts/test.sh runs the suite on two xdist workers with --dist loadfile: a module's tests stay on one
+# worker, so its module-scoped fixtures (a training run, a browser, a cache) are built once. (loadgroup
+# would spread single tests, but its groups are lost with pytest 9.2, which keeps node ids where xdist
+# 3.8 no longer rewrites them.) The longest modules (a minute or more each) are handed out first, so
+# that the two workers finish together.
+LONGEST_FIRST = ["test_train", "test_bad_input", "test_learning", "test_train_options", "test_inference",
+                 "test_conditioning", "test_bench_train_step", "test_outputs_safe", "test_launch", "test_app_browser"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__
-        if module not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
-        elif "straight_run" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group(f"{module}.straight_run"))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest keep their order
 
