@@ -677,13 +677,13 @@ def test_reader_pickles_without_descriptors_and_reopens_after_fork(clean_shards)
     shards = ShardSet.open(clean_shards)
     video = shards.videos[1]
     expected = shards.read_frame(video, 1)
-    assert shards._fds  # opened lazily by the read
+    assert shards._files._fds  # opened lazily by the read
     clone = pickle.loads(pickle.dumps(shards))
-    assert clone._fds == {} and clone.read_frame(video, 1) == expected
+    assert clone._files._fds == {} and clone.read_frame(video, 1) == expected
     pid = os.fork()
     if pid == 0:  # child: must open its own descriptor and read the same bytes
-        ok = shards.read_frame(video, 1) == expected and shards._fds and shards._pid == os.getpid()
+        ok = shards.read_frame(video, 1) == expected and shards._files._fds and shards._files._pid == os.getpid()
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
     shards.close()
-    assert shards._fds == {}
+    assert shards._files._fds == {}

@@ -46,6 +46,7 @@ from fff_vdi.data.shards import load_manifest as load_image_manifest
 from fff_vdi.errors import ConfigError, DataError
 from fff_vdi.models.components import Components
 from fff_vdi.train.objective import CLEAN_FEATURES, DTYPES, CleanClipFeatures
+from fff_vdi.utils.files import DescriptorCache
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ class ConditioningCache:
         self.shapes = RecordShapes.of(self.args)
         self.videos = videos
         self.verify_crc = verify_crc
-        self._fds: dict[str, int] = {}
-        self._pid = os.getpid()
+        self._files = DescriptorCache(root)
 
     @classmethod
     def open(cls, root: str | os.PathLike, verify_crc: bool = True) -> "ConditioningCache":
@@ -189,7 +189,7 @@ class ConditioningCache:
 
     def _read_into(self, video: CachedVideo, member: np.ndarray, name: str, parts: list[np.ndarray]) -> None:
         offset, size, crc = (int(x) for x in member)
-        got = os.preadv(self._fd(video.unit), parts, offset)
+        got = os.preadv(self._files.get(video.unit), parts, offset)
         if got != size or sum(p.nbytes for p in parts) != size:
             raise DataError(f"{self.root / video.unit}: record {name} is cut short ({got} of {size} bytes at offset "
                             f"{offset}); {REBUILD_HINT}")
@@ -201,28 +201,8 @@ class ConditioningCache:
                 raise DataError(f"{self.root / video.unit}: record {name} fails its crc32 check (offset {offset}, "
                                 f"{size} bytes); {REBUILD_HINT}")
 
-    def _fd(self, unit: str) -> int:
-        if self._pid != os.getpid():  # forked: the parent owns the inherited descriptors
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(unit)
-        if fd is None:
-            fd = self._fds[unit] = os.open(self.root / unit, os.O_RDONLY)
-        return fd
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_fds"] = {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
-
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
+        self._files.close()
 
     # -- in the training process -----------------------------------------------------------------
 

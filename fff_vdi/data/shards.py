@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fff_vdi.errors import DataError
+from fff_vdi.utils.files import DescriptorCache
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
@@ -118,7 +119,8 @@ class ShardSet:
     """The videos of one split of a finished shard folder, read by byte offset.
 
     File descriptors are opened lazily, cached per process and dropped when pickled or after a
-    fork, so DALI's parallel external source and DataLoader workers can carry this object.
+    fork (utils.files.DescriptorCache), so DALI's parallel external source and DataLoader workers
+    can carry this object.
     """
 
     def __init__(self, root: Path, split: str, videos: list[VideoEntry], has_masks: bool, verify_crc: bool):
@@ -127,8 +129,7 @@ class ShardSet:
         self.videos = videos
         self.has_masks = has_masks
         self.verify_crc = verify_crc
-        self._fds: dict[str, int] = {}
-        self._pid = os.getpid()
+        self._files = DescriptorCache(root)
 
     @classmethod
     def open(cls, root: str | os.PathLike, split: str = "train", verify_crc: bool = True) -> "ShardSet":
@@ -156,30 +157,13 @@ class ShardSet:
         return json.loads(self._read(video.shard, video.json, meta_member_name(video.key)))
 
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_fds"] = {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
+        self._files.close()
 
     def _fd(self, shard: str) -> int:
-        if self._pid != os.getpid():  # forked: the parent owns (and may close) the inherited descriptors
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            try:
-                fd = self._fds[shard] = os.open(self.root / shard, os.O_RDONLY)
-            except OSError as e:
-                raise DataError(f"{self.root / shard}: cannot be opened ({e.strerror}); {RESHARD_HINT}") from None
-        return fd
+        try:
+            return self._files.get(shard)
+        except OSError as e:
+            raise DataError(f"{self.root / shard}: cannot be opened ({e.strerror}); {RESHARD_HINT}") from None
 
     def _read(self, shard: str, member: Member, name: str) -> bytes:
         try:

@@ -1,0 +1,40 @@
+"""Read-only file descriptors that survive pickling and fork: the shard readers' (image shards,
+conditioning cache) way of reading by byte offset from DataLoader workers and DALI's parallel
+external source."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class DescriptorCache:
+    """Files under `root` opened read-only on first use and kept open, per process. A pickled copy
+    or a forked child starts with none (the parent owns, and may close, the inherited descriptors)
+    and opens its own."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def get(self, name: str) -> int:
+        """The descriptor of `root / name`; OSError when it cannot be opened."""
+        if self._pid != os.getpid():  # forked
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self.root / name, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
