@@ -83,7 +83,7 @@ class ConditioningCache:
         self.shapes = RecordShapes.of(self.args)
         self.videos = videos
         self.verify_crc = verify_crc
-        self._files = DescriptorCache(root)
+        self._files = DescriptorCache()
 
     @classmethod
     def open(cls, root: str | os.PathLike, verify_crc: bool = True) -> "ConditioningCache":
@@ -189,7 +189,7 @@ class ConditioningCache:
 
     def _read_into(self, video: CachedVideo, member: np.ndarray, name: str, parts: list[np.ndarray]) -> None:
         offset, size, crc = (int(x) for x in member)
-        got = os.preadv(self._files.get(video.unit), parts, offset)
+        got = os.preadv(self._files.get(self.root / video.unit), parts, offset)
         if got != size or sum(p.nbytes for p in parts) != size:
             raise DataError(f"{self.root / video.unit}: record {name} is cut short ({got} of {size} bytes at offset "
                             f"{offset}); {REBUILD_HINT}")

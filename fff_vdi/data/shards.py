@@ -129,7 +129,7 @@ class ShardSet:
         self.videos = videos
         self.has_masks = has_masks
         self.verify_crc = verify_crc
-        self._files = DescriptorCache(root)
+        self._files = DescriptorCache()
 
     @classmethod
     def open(cls, root: str | os.PathLike, split: str = "train", verify_crc: bool = True) -> "ShardSet":
@@ -161,7 +161,7 @@ class ShardSet:
 
     def _fd(self, shard: str) -> int:
         try:
-            return self._files.get(shard)
+            return self._files.get(self.root / shard)
         except OSError as e:
             raise DataError(f"{self.root / shard}: cannot be opened ({e.strerror}); {RESHARD_HINT}") from None
 

@@ -5,26 +5,25 @@ external source."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 
 class DescriptorCache:
-    """Files under `root` opened read-only on first use and kept open, per process. A pickled copy
-    or a forked child starts with none (the parent owns, and may close, the inherited descriptors)
-    and opens its own."""
+    """Files opened read-only on first use and kept open, per process. A pickled copy or a forked
+    child starts with none (the parent owns, and may close, the inherited descriptors) and opens its
+    own."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self):
         self._fds: dict[str, int] = {}
         self._pid = os.getpid()
 
-    def get(self, name: str) -> int:
-        """The descriptor of `root / name`; OSError when it cannot be opened."""
+    def get(self, path: str | os.PathLike) -> int:
+        """The descriptor of `path`; OSError when it cannot be opened."""
         if self._pid != os.getpid():  # forked
             self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(name)
+        key = os.fspath(path)
+        fd = self._fds.get(key)
         if fd is None:
-            fd = self._fds[name] = os.open(self.root / name, os.O_RDONLY)
+            fd = self._fds[key] = os.open(key, os.O_RDONLY)
         return fd
 
     def close(self) -> None:
@@ -34,7 +33,7 @@ class DescriptorCache:
         self._fds = {}
 
     def __getstate__(self) -> dict:
-        return {"root": self.root}
+        return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"])
+        self.__init__()
