@@ -1,17 +1,29 @@
 #!/usr/bin/env python
-"""The trainer with the precomputed conditioning cache against the online conditioning, one machine.
+"""The trainer (launch/train.py) measured: the precomputed conditioning cache against online conditioning,
+its time to the first step on a cold compile cache and after a restart, against the published recipe
+and against bench/train_step.py in the same call.
 
     python bench/trainer_conditioning.py --out bench/results/trainer_conditioning_<card>.json
         [--runs online,cached] [--steps 40] [--compile off] [--batch 2] [--videos 24] [--frames 36]
+        [--restart] [--published] [--step-bench]
 
 Makes synthetic 720p videos and shards them (once, under --work), builds the cache with
-tools/precompute_conditioning.py (once; its throughput goes to the results), then trains
-`launch/train.py experiment=paper_512x256 model=svd_xt_random` (random weights) on every GPU for
---steps steps per run: `online` (RAFT, VAE and CLIP every step) and `cached` (experiment.data.
+tools/precompute_conditioning.py (once, eager frozen networks; its throughput goes to the results),
+then trains `launch/train.py experiment=paper_512x256 model=svd_xt_random` (random weights) on every
+GPU for --steps steps per run: `online` (RAFT, VAE and CLIP every step) and `cached` (experiment.data.
 conditioning). Both runs read the frames the cache serves (data.crop=none, no flip), so they differ
-only in the conditioning. Results: per run the medians over the steps after --skip (step time,
-clips/s per GPU, conditioning and UNet seconds, data wait) from metrics.jsonl, the first step's time,
-the peak memory, and the cached/online ratio of clips/s.
+only in the conditioning. Per run: the medians over the steps after --skip (step time, clips/s per
+GPU, conditioning and UNet seconds, data wait) from metrics.jsonl, the peak memory, and
+`first_step_wall_s`, the wall time from the trainer's launch to its first metrics line.
+
+torch.compile's caches: every run compiles into one inductor cache folder under --work (a fresh one
+with --cold, so the first run's figure is a first-ever compile). `--restart`: each run is then resumed
+from its last checkpoint for --restart-steps more steps in a new, empty inductor cache folder (a
+requeued job on another node), so only the artifacts the trainer saved beside its checkpoints can
+spare it the compile; its `first_step_wall_s` is the restart's time to its first step.
+`--published`: bench/train_step.py's published recipe first (the baseline of the speed-up).
+`--step-bench`: bench/train_step.py for each run's own configuration after it (`online` only: the
+benchmark's synthetic batches carry no cache), for the trainer/benchmark ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +56,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--frames", type=int, default=36, help="frames per synthetic video")
     p.add_argument("--video-size", default="1280x720", help="synthetic videos' WxH")
+    p.add_argument("--cold", action="store_true", help="the first run compiles in a new, empty inductor cache")
+    p.add_argument("--restart", action="store_true", help="resume each run on a new, empty inductor cache")
+    p.add_argument("--restart-steps", type=int, default=10)
+    p.add_argument("--published", action="store_true", help="bench/train_step.py's published recipe first")
+    p.add_argument("--step-bench", action="store_true", help="bench/train_step.py with the online run's configuration")
     return p.parse_args(argv)
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], env: dict | None = None) -> None:
     print("+", " ".join(map(str, cmd)), flush=True)
-    subprocess.run(list(map(str, cmd)), cwd=REPO, check=True)
+    subprocess.run(list(map(str, cmd)), cwd=REPO, check=True, env=env)
+
+
+def run_trainer(cmd: list[str], metrics: Path, env: dict) -> float:
+    """Run the trainer to its end; returns the wall seconds from its launch to its first new line in
+    `metrics` (the first step of this process, compilation included)."""
+    print("+", " ".join(map(str, cmd)), flush=True)
+    lines_before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env)
+    first = None
+    while proc.poll() is None:
+        if first is None and metrics.is_file() and len(metrics.read_text().splitlines()) > lines_before:
+            first = time.perf_counter() - start
+        time.sleep(0.2)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return first if first is not None else float("nan")
+
+
+def inductor_env(work: Path, fresh: bool) -> dict:
+    """The environment with torch.compile's caches in work/inductor, or in a new empty folder."""
+    import tempfile
+
+    work.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="inductor-fresh-", dir=work)) if fresh else work / "inductor"
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder)}
 
 
 def torchrun(gpus: int) -> list[str]:
@@ -93,29 +137,70 @@ def main(argv=None) -> int:
                "data": {"videos": args.videos, "frames_per_video": args.frames, "source": f"synthetic {args.video_size}"},
                "runs": {}}
     runs = args.runs.split(",")
+
+    def save() -> None:  # after every stage: a call cut by its time limit keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+    if args.published:
+        out = work / "published.json"
+        run([sys.executable, "bench/train_step.py", "--config", "experiment=published_recipe", "--out", out],
+            env=inductor_env(work, fresh=False))
+        results["published"] = _step_bench_summary(out)
+        save()
     if "cached" in runs:
         stats = work / f"precompute_{args.compile}.json"
-        run([*torchrun(gpus), "tools/precompute_conditioning.py", "--out", cache, "--resume", "--stats-json", stats, *common])
+        run([*torchrun(gpus), "tools/precompute_conditioning.py", "--out", cache, "--resume", "--stats-json", stats,
+             *common, "experiment.parallel.compile_frozen=false"])
         results["precompute"] = json.loads(stats.read_text())
-    for name in runs:
-        out_dir = work / f"run_{name}_{args.compile}"
-        overrides = [*common, f"experiment.output_dir={out_dir}", f"experiment.trainer.max_steps={args.steps}",
-                     "experiment.trainer.resume=none", "experiment.trainer.validate_every=0",
-                     "experiment.trainer.export_at_end=false", "experiment.trainer.progress_bar=false",
-                     f"experiment.trainer.checkpoint_every={args.steps}", "experiment.trainer.log_every=5"]
+        save()
+    for i, name in enumerate(runs):
+        out_dir = work / f"run_{name}_{args.compile}_b{args.batch}"
+        train = [*torchrun(gpus), "launch/train.py", *common, f"experiment.output_dir={out_dir}",
+                 "experiment.trainer.validate_every=0", "experiment.trainer.export_at_end=false",
+                 "experiment.trainer.progress_bar=false", "experiment.trainer.log_every=5"]
         if name == "cached":
-            overrides.append(f"experiment.data.conditioning={cache}")
-        run([*torchrun(gpus), "launch/train.py", *overrides])
-        summary = summarise(out_dir / "metrics.jsonl", args.skip)
+            train.append(f"experiment.data.conditioning={cache}")
+        metrics = out_dir / "metrics.jsonl"
+        first = run_trainer([*train, f"experiment.trainer.max_steps={args.steps}", "experiment.trainer.resume=none",
+                             f"experiment.trainer.checkpoint_every={args.steps}"], metrics,
+                            inductor_env(work, fresh=args.cold and i == 0))
+        summary = summarise(metrics, args.skip)
+        summary["first_step_wall_s"] = first
         summary["clips_per_s_per_gpu"] = args.batch / summary["step_time_s"]
         results["runs"][name] = summary
+        save()
+        if args.restart:
+            restart = run_trainer([*train, f"experiment.trainer.max_steps={args.steps + args.restart_steps}",
+                                   "experiment.trainer.resume=auto", f"experiment.trainer.checkpoint_every={args.steps}"],
+                                  metrics, inductor_env(work, fresh=True))
+            records = [json.loads(line) for line in metrics.read_text().splitlines()][args.steps:]
+            summary["restart"] = {"first_step_wall_s": restart, "steps": len(records),
+                                  "first_step_s": records[0]["step_time_s"] if records else None,
+                                  "step_time_s": statistics.median(r["step_time_s"] for r in records[1:]) if len(records) > 1 else None}
+        if args.step_bench and name == "online":
+            out = work / f"step_bench_{name}.json"
+            run([sys.executable, "bench/train_step.py", "--config", " ".join(common), "--out", out],
+                env=inductor_env(work, fresh=False))
+            summary["step_bench"] = _step_bench_summary(out)
+            summary["trainer_over_step_bench"] = summary["clips_per_s_per_gpu"] / summary["step_bench"]["clips_per_s_per_gpu"]
+        save()
     if {"online", "cached"} <= set(results["runs"]):
         r = results["runs"]
         results["cached_over_online_clips_per_s"] = r["cached"]["clips_per_s_per_gpu"] / r["online"]["clips_per_s_per_gpu"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if "published" in results:
+        base = results["published"]["clips_per_s_per_gpu"]
+        results["over_published_recipe"] = {name: r["clips_per_s_per_gpu"] / base for name, r in results["runs"].items()}
+    save()
     print(json.dumps(results, indent=1))
     return 0
+
+
+def _step_bench_summary(path: Path) -> dict:
+    """bench/train_step.py's figures of its one configuration."""
+    config = json.loads(path.read_text())["configs"][0]
+    keys = ("name", "status", "step_s", "clips_per_s_per_gpu", "peak_memory_gib", "phases_s", "warmup_step_s", "unet_mfu")
+    return {k: config.get(k) for k in keys}
 
 
 if __name__ == "__main__":

@@ -162,7 +162,14 @@ class ParallelConfig:
     # the refiner), "selective" (every n-th of those).
     activation_checkpointing: str = "off"
     selective_every: int = 2  # with "selective": checkpoint every n-th unit
-    compile: bool = False  # per-block torch.compile of the UNet
+    compile: bool = False  # torch.compile of the UNet, per unit or per block (compile_scope)
+    # "unit": every resnet, attention and resampler and the refiner's step on its own; units of one class
+    # and shape share one compiled graph (regional compilation: fewer graphs to build). "block": each
+    # top-level block (down, mid, up) as one graph.
+    compile_scope: str = "unit"
+    # With compile: torch.compile's artifacts saved beside the checkpoints (<output_dir>/compile/) and
+    # hot-loaded at a restart, so a requeued job on any node skips inductor (train/compile_artifacts.py).
+    compile_artifacts: bool = True
     compile_frozen: bool = False  # also compile the frozen networks' heavy parts (VAE encoder, RAFT, flow completion)
     force_channels_last: bool = True  # with compile: inductor's channels-last layout for every conv graph
     fast_paths: bool = True  # exact rewrites of UNet hot paths (fff_vdi/models/fast_paths.py)
@@ -434,6 +441,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
            "give two values in [0, 1)")
     p = cfg.parallel
     _choice("experiment.parallel.activation_checkpointing", p.activation_checkpointing, ("off", "full", "selective"))
+    _choice("experiment.parallel.compile_scope", p.compile_scope, ("unit", "block"))
     _check(p.selective_every >= 1, "experiment.parallel.selective_every", p.selective_every, "use 1 or more")
     _choice("experiment.parallel.mixed_precision", p.mixed_precision, ("bfloat16", "float32"))
     _choice("experiment.parallel.autocast", p.autocast, ("off", "float16"))

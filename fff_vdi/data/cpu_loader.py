@@ -81,8 +81,12 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
-def cpu_batches(source: ClipSource, rank_slice: RankSlice, num_workers: int, prefetch: int) -> Iterator[dict]:
-    """Batches of uint8 clips (B, T, H, W, 3) on the CPU, in stream order."""
+def cpu_batches(source: ClipSource, rank_slice: RankSlice, num_workers: int, prefetch: int,
+                pin_memory: bool = False) -> Iterator[dict]:
+    """Batches of uint8 clips (B, T, H, W, 3) on the CPU, in stream order. `pin_memory` (for a CUDA
+    device): in page-locked memory, so the copy to the GPU is asynchronous; from pageable memory it
+    waits for the GPU's queued work, and the host then cannot run ahead of the step (with a
+    conditioning cache: tens of MB of flows per batch)."""
     loader = torch.utils.data.DataLoader(
         _ClipDataset(source),
         batch_size=rank_slice.batch_size,
@@ -91,5 +95,6 @@ def cpu_batches(source: ClipSource, rank_slice: RankSlice, num_workers: int, pre
         collate_fn=_collate,
         prefetch_factor=prefetch if num_workers > 0 else None,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
     return iter(loader)

@@ -109,7 +109,8 @@ class ClipLoader:
             return dali_batches(self.source, rank_slice, self.device)
         from fff_vdi.data.cpu_loader import cpu_batches
 
-        return cpu_batches(self.source, rank_slice, self.cfg.num_workers, self.cfg.prefetch)
+        return cpu_batches(self.source, rank_slice, self.cfg.num_workers, self.cfg.prefetch,
+                           pin_memory=self.device.type == "cuda")
 
     def __iter__(self) -> "ClipLoader":
         return self

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fff_vdi.config import FreeformMaskConfig, MaskConfig, RectangleMaskConfig
+from fff_vdi.utils.devices import to_device
 
 KINDS = ("rectangles", "freeform", "objects")
 
@@ -141,7 +142,7 @@ def _grid(H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def draw_rectangles(boxes: np.ndarray, H: int, W: int, device) -> torch.Tensor:
-    b = torch.as_tensor(boxes, device=device)
+    b = to_device(boxes, device)
     rows = torch.arange(H, device=device).view(1, H, 1)
     cols = torch.arange(W, device=device).view(1, 1, W)
     y0, x0, h, w = (b[:, i].view(-1, 1, 1) for i in range(4))
@@ -154,19 +155,19 @@ def draw_freeform(plan: MaskPlan, H: int, W: int, device) -> torch.Tensor:
     out = torch.zeros(T, H, W, dtype=torch.bool, device=device)
     f32 = dict(device=device, dtype=torch.float32)
     if plan.blob_radius.size:
-        centers = torch.as_tensor(plan.blob_centers, **f32)  # (T, NB, 2)
+        centers = to_device(plan.blob_centers, device, torch.float32)  # (T, NB, 2)
         dy = yy[None, None] - centers[..., 0, None, None]
         dx = xx[None, None] - centers[..., 1, None, None]
         theta = torch.atan2(dy, dx)  # (T, NB, H, W)
         k = torch.arange(1, plan.blob_amp.shape[1] + 1, **f32)
-        amp = torch.as_tensor(plan.blob_amp, **f32)
-        phase = torch.as_tensor(plan.blob_phase, **f32)
+        amp = to_device(plan.blob_amp, device, torch.float32)
+        phase = to_device(plan.blob_phase, device, torch.float32)
         wobble = (amp[None, :, :, None, None] * torch.cos(k.view(1, 1, -1, 1, 1) * theta[:, :, None] + phase[None, :, :, None, None])).sum(2)
-        radius = torch.as_tensor(plan.blob_radius, **f32).view(1, -1, 1, 1) * (1 + wobble)
+        radius = to_device(plan.blob_radius, device, torch.float32).view(1, -1, 1, 1) * (1 + wobble)
         out |= (dy * dy + dx * dx <= radius * radius).any(1)
     if plan.stroke_width.size:
-        pts = torch.as_tensor(plan.stroke_points, **f32)  # (T, NS, V, 2)
-        half_w = torch.as_tensor(plan.stroke_width, **f32).view(1, -1, 1, 1) / 2
+        pts = to_device(plan.stroke_points, device, torch.float32)  # (T, NS, V, 2)
+        half_w = to_device(plan.stroke_width, device, torch.float32).view(1, -1, 1, 1) / 2
         for v in range(pts.shape[2] - 1):
             a, b = pts[:, :, v], pts[:, :, v + 1]  # (T, NS, 2)
             ab = b - a
@@ -210,9 +211,12 @@ def draw_mask(plan: MaskPlan, H: int, W: int, device, object_labels: Optional[to
     elif plan.kind == "objects":
         if object_labels is None:
             raise ValueError("an 'objects' mask plan needs the clip's object labels")
-        m = select_objects(object_labels.to(device), plan.object_pick)
+        # Chosen where the labels are (on the host with the CPU backend): the choice reads the ids,
+        # which on the GPU would wait for its queued work.
+        m = select_objects(object_labels, plan.object_pick)
         if m is None:
             return draw_mask(plan.fallback, H, W, device)
+        m = to_device(m, device)
     else:
         raise ValueError(f"unknown mask kind {plan.kind!r}")
     return dilate(m.to(torch.float32).unsqueeze(1), plan.dilation)

@@ -3,7 +3,8 @@
   1. activation checkpointing (off, full, or selective: every n-th unit) of fine-grained units, each
      resnet, attention and resampler inside the blocks and the refiner: recomputing a whole top-level
      block would hold that block's activations at once (over 100 GiB at 1024x576x25),
-  2. torch.compile per block (in place, so parameter names do not change),
+  2. torch.compile per unit (regional: repeated units share a graph) or per block, in place, so
+     parameter names do not change,
   3. FSDP2 `fully_shard` per block, then at the root, with bf16 parameters and fp32 gradient
      reduction; HSDP (replicate across groups, shard within) when `hsdp_replicas` > 1. Frozen
      parameters stay out of FSDP unless `shard_frozen`: cast to the compute dtype in place and
@@ -84,22 +85,40 @@ def state_dict_name(parameter_name: str) -> str:
     return parameter_name.replace(_CHECKPOINT_PREFIX, "")
 
 
-def apply_compile(unet: nn.Module, **compile_kwargs) -> None:
-    """torch.compile every block in place, with static shapes (`dynamic=False`).
+def compile_units(unet: nn.Module, scope: str) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute-or-index) of every module `apply_compile` compiles on its own: the
+    activation-checkpointing units (scope "unit") or the top-level blocks ("block")."""
+    if scope not in ("unit", "block"):
+        raise ValueError(f"compile scope must be 'unit' or 'block', got {scope!r}")
+    return checkpoint_units(unet) if scope == "unit" else unet_blocks(unet)
 
-    Blocks of one class run at several sizes (three CrossAttnDownBlockSpatioTemporal at h, h/2,
-    h/4): by default dynamo would recompile the second one with dynamic shapes, whose kernels are
-    slower. With static shapes each block gets its own specialised graph (one cache entry each, well
-    under dynamo's recompile limit). A block with a recurrence over frames (the noise refiner)
-    compiles its step rather than the unrolled loop (`compile_recurrence`). `compile_kwargs` go to
-    torch.compile (e.g. fullgraph=True)."""
+
+def apply_compile(unet: nn.Module, scope: str = "unit", **compile_kwargs) -> None:
+    """torch.compile every unit or block (`compile_units`) in place, with static shapes (`dynamic=False`).
+
+    Scope "unit" is regional compilation: dynamo keys its cache by a forward's code and guards on
+    shapes, not on the module, so units of one class at one size (the transformers and resnets that
+    repeat within a level of the UNet) share one compiled graph, and inductor builds each distinct
+    unit once. The glue between units (concatenated skips, the time embedding) runs eagerly.
+    Scope "block" compiles each top-level block whole (more fusion across units, a graph per block).
+
+    Units of one class run at several sizes (three CrossAttnDownBlockSpatioTemporal at h, h/2, h/4):
+    by default dynamo would recompile the second with dynamic shapes, whose kernels are slower. With
+    static shapes each size gets its own specialised graph, so the per-code recompile limit is raised
+    to the number of compiled modules (a global dynamo setting; never lowered). A module with a
+    recurrence over frames (the noise refiner) compiles its step rather than the unrolled loop
+    (`compile_recurrence`). `compile_kwargs` go to torch.compile (e.g. fullgraph=True)."""
+    import torch._dynamo.config as dynamo_config
+
     kwargs = {"dynamic": False, **compile_kwargs}
-    for parent, name in unet_blocks(unet):
-        block = _get(parent, name)
-        if hasattr(block, "compile_recurrence"):
-            block.compile_recurrence(**kwargs)
+    units = compile_units(unet, scope)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(units))
+    for parent, name in units:
+        module = _get(parent, name)
+        if hasattr(module, "compile_recurrence"):
+            module.compile_recurrence(**kwargs)
         else:
-            block.compile(**kwargs)
+            module.compile(**kwargs)
 
 
 def build_mesh(world_size: int, device_type: str, hsdp_replicas: int):
@@ -185,7 +204,7 @@ def parallelize_unet(unet: nn.Module, cfg: ParallelConfig, world_size: int, devi
         # channels, which covers every up block and the refiner (most of the conv FLOPs). A global
         # setting of inductor's: the frozen networks' graphs get it too.
         inductor_config.force_layout_optimization = cfg.force_channels_last
-        apply_compile(unet, **(compile_kwargs or {}))
+        apply_compile(unet, cfg.compile_scope, **(compile_kwargs or {}))
     param_dtype = torch.bfloat16 if cfg.mixed_precision == "bfloat16" else torch.float32
     use_fsdp = cfg.fsdp and torch.distributed.is_initialized()
     if not use_fsdp and param_dtype != torch.float32:
@@ -194,7 +213,7 @@ def parallelize_unet(unet: nn.Module, cfg: ParallelConfig, world_size: int, devi
         mesh = build_mesh(world_size, device.type, cfg.hsdp_replicas)
         replicated = apply_fsdp(unet, mesh, param_dtype, cfg.reshard_after_forward, cfg.shard_frozen)
     log.info("parallelize: activation checkpointing %s (%d units), compile %s, %s",
-             cfg.activation_checkpointing, n, cfg.compile,
+             cfg.activation_checkpointing, n, f"per {cfg.compile_scope}" if cfg.compile else "off",
              f"FSDP2 over {world_size} ranks (HSDP x{cfg.hsdp_replicas}), {replicated / 1e6:.1f}M frozen "
              "parameters replicated" if use_fsdp else "no FSDP (one process)")
     return unet

@@ -25,6 +25,7 @@ from fff_vdi.distributed.env import DistInfo, barrier, init_distributed, shutdow
 from fff_vdi.errors import FFFVDIError, write_launcher_error
 from fff_vdi.models.components import build_components
 from fff_vdi.train.checkpoint import Checkpointer, resolve_resume, step_dir
+from fff_vdi.train.compile_artifacts import CompileArtifacts
 from fff_vdi.train.export import export_pipeline
 from fff_vdi.train.gc_schedule import ScheduledGC
 from fff_vdi.train.metrics import PEAK_BF16_FLOPS, Heartbeat, MetricsWriter, peak_memory_gib, unet_train_flops
@@ -97,6 +98,10 @@ class Trainer:
         self.flops_per_step = t.grad_accum * unet_train_flops(
             dict(components.unet.config), t.trainable, d.batch_size, d.num_frames, d.height, d.width)
         log.info("UNet forward+backward: %.2f TFLOP per optimizer step per rank", self.flops_per_step / 1e12)
+        p = cfg.parallel
+        self.compile_artifacts = CompileArtifacts(self.run_dir, self.dist.rank, self.dist.local_rank, self.device,
+                                                  enabled=p.compile_artifacts and (p.compile or p.compile_frozen))
+        self.compile_artifacts.load()  # before anything compiles
         self.train_step = build_train_step(cfg, self.dist, components)
         self.unet = self.train_step.unet
         self.loader = ClipLoader(cfg.data, self.dist.rank, self.dist.world_size, self.device,
@@ -129,6 +134,7 @@ class Trainer:
         s = self.train_step
         self.checkpointer.save(self.step, self.unet, s.optimizer, s.scheduler, s.ema, self.loader.state_dict(),
                                {**s.state_dict(), "config": asdict(self.cfg)})
+        self.compile_artifacts.save()  # what was compiled since the last write (e.g. validation's graphs)
 
     def export(self) -> None:
         """Rank 0 writes `<run_dir>/pipeline/` from the final checkpoint (train/export.py: the one export
@@ -153,6 +159,7 @@ class Trainer:
         try:
             if self.validator is not None and t.validate_at_start and self.step == 0:
                 self.validator.run(self.unet, 0, self.metrics)
+            first_step = self.step
             with backend_settings(self.cfg.parallel, t.deterministic):
                 while self.step < t.max_steps:
                     if self.device.type == "cuda":
@@ -166,6 +173,8 @@ class Trainer:
                     self.step += 1
                     self.heartbeat.beat(self.step)
                     self._log(out, step_time)
+                    if self.step == first_step + 1:  # this process's compilation is done: keep it for a restart
+                        self.compile_artifacts.save()
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix(loss=f"{out.loss:.4f}")
