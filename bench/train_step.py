@@ -71,6 +71,7 @@ from fff_vdi.train.gc_schedule import ScheduledGC  # noqa: E402
 from fff_vdi.train.metrics import PEAK_BF16_FLOPS, unet_train_flops  # noqa: E402
 from fff_vdi.train.profiling import (  # noqa: E402
     PHASES, Clock, Phases, instrumented, profile_step, profile_table_path, profile_unet_kernels)
+from fff_vdi.train.objective import CLEAN_FEATURES, DTYPES, CleanClipFeatures  # noqa: E402
 from fff_vdi.train.step import backend_settings, build_train_step  # noqa: E402
 
 DEFAULT_CONFIGS = ("experiment=published_recipe", "experiment=paper_512x256")
@@ -99,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=0.0,
                    help="start no configuration after this many seconds (0: no limit); skipped ones are recorded")
     p.add_argument("--data-batches", type=int, default=2, help="distinct synthetic batches, cycled")
+    p.add_argument("--conditioning", choices=("online", "cached"), default="online",
+                   help="cached: batches carry the clean clips' features as a conditioning cache delivers them "
+                        "(no RAFT, clean-clip VAE encode or CLIP in the step), as launch/train.py with experiment.data.conditioning")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (a check: 'eager' traces "
                                                           "without compiling, cheap on the CPU); default inductor")
     p.add_argument("--reset-dynamo", choices=("auto", "always"), default="auto",
@@ -131,17 +135,34 @@ def compose(overrides: list[str]) -> ExperimentConfig:
     return validate(cfg)
 
 
-def synthetic_batches(cfg: ExperimentConfig, n: int, device: torch.device, seed: int) -> list[dict]:
-    """Random clips in [-1, 1] and the configuration's moving rectangles, made on the device."""
+def synthetic_batches(cfg: ExperimentConfig, n: int, device: torch.device, seed: int,
+                      embed_dim: int | None = None) -> list[dict]:
+    """Random clips in [-1, 1] and the configuration's moving rectangles, made on the device. With
+    `embed_dim` (--conditioning cached) each batch also carries the clean clip's features as the
+    conditioning cache delivers them (objective.CLEAN_FEATURES: random values of the cache's shapes and
+    dtypes), so the conditioner runs only what depends on the mask, as in the trainer with a cache."""
     d = cfg.data
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     rng = np.random.default_rng(seed)
     shape = (d.batch_size, d.num_frames, 3, d.height, d.width)
-    return [{"pixel_values": torch.rand(shape, generator=gen, device=device) * 2 - 1,
-             "mask_values": torch.stack([draw_mask(plan_rectangles(rng, d.num_frames, d.height, d.width, d.masks.rect, 0),
-                                                   d.height, d.width, device) for _ in range(d.batch_size)])}
-            for _ in range(n)]
+    batches = [{"pixel_values": torch.rand(shape, generator=gen, device=device) * 2 - 1,
+                "mask_values": torch.stack([draw_mask(plan_rectangles(rng, d.num_frames, d.height, d.width, d.masks.rect, 0),
+                                                      d.height, d.width, device) for _ in range(d.batch_size)])}
+               for _ in range(n)]
+    if embed_dim is not None:
+        b, t = d.batch_size, d.num_frames
+        flow_size = (round(d.height * cfg.model.flow_scale), round(d.width * cfg.model.flow_scale))
+        frozen = DTYPES[cfg.model.frozen_dtype]
+
+        def randn(*size, dtype=torch.float32):
+            return torch.randn(size, generator=gen, device=device).to(dtype)
+
+        for batch in batches:
+            batch[CLEAN_FEATURES] = CleanClipFeatures(
+                randn(b, t - 1, 2, *flow_size), randn(b, t - 1, 2, *flow_size),
+                randn(b, t, 8, d.height // 8, d.width // 8, dtype=frozen), randn(b, 1, embed_dim, dtype=frozen))
+    return batches
 
 
 def run_steps(train_step, batches, first: int, n: int, clock: Clock, gc_schedule: ScheduledGC,
@@ -203,11 +224,12 @@ def run_config(name: str, cfg: ExperimentConfig, args, dist, out_stem: Path, log
     with backend_settings(cfg.parallel, t.deterministic), ScheduledGC(t.gc_every) as gc_schedule:
         components = build_components(cfg.model, seed=t.seed, device=device)
         unet_config = dict(components.unet.config)
+        embed_dim = components.image_encoder.config.projection_dim if args.conditioning == "cached" else None
         train_step = build_train_step(cfg, dist, components, compile_kwargs)
         del components
         result["build_s"] = time.perf_counter() - tick
         log(f"{name}: built in {result['build_s']:.1f} s; warming up ({args.warmup} steps)")
-        batches = itertools.cycle(synthetic_batches(cfg, args.data_batches, device, seed=123 + dist.rank))
+        batches = itertools.cycle(synthetic_batches(cfg, args.data_batches, device, seed=123 + dist.rank, embed_dim=embed_dim))
         warmup_s = []
         for i in range(args.warmup):
             t0 = time.perf_counter()
@@ -381,6 +403,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
         "python": platform.python_version(), "world_size": dist.world_size,
         "steps": {"warmup": args.warmup, "timed": args.steps}, "peak_flops": PEAK_BF16_FLOPS,
+        "conditioning": args.conditioning,
         "notes": [
             "data_wait is 0: synthetic batches are made on the device before timing; the loader is measured by bench/data.py",
             "phases are CUDA-event spans without synchronisation (fff_vdi/train/profiling.py)",

@@ -22,8 +22,8 @@ from its last checkpoint for --restart-steps more steps in a new, empty inductor
 requeued job on another node), so only the artifacts the trainer saved beside its checkpoints can
 spare it the compile; its `first_step_wall_s` is the restart's time to its first step.
 `--published`: bench/train_step.py's published recipe first (the baseline of the speed-up).
-`--step-bench`: bench/train_step.py for each run's own configuration after it (`online` only: the
-benchmark's synthetic batches carry no cache), for the trainer/benchmark ratio.
+`--step-bench`: bench/train_step.py for each run's own configuration after it (with `--conditioning
+cached` for the cached run), for the trainer/benchmark ratio. Each run writes a new folder under --work.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--restart", action="store_true", help="resume each run on a new, empty inductor cache")
     p.add_argument("--restart-steps", type=int, default=10)
     p.add_argument("--published", action="store_true", help="bench/train_step.py's published recipe first")
-    p.add_argument("--step-bench", action="store_true", help="bench/train_step.py with the online run's configuration")
+    p.add_argument("--step-bench", action="store_true", help="bench/train_step.py with each run's configuration")
     return p.parse_args(argv)
 
 
@@ -88,8 +89,6 @@ def run_trainer(cmd: list[str], metrics: Path, env: dict) -> float:
 
 def inductor_env(work: Path, fresh: bool) -> dict:
     """The environment with torch.compile's caches in work/inductor, or in a new empty folder."""
-    import tempfile
-
     work.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="inductor-fresh-", dir=work)) if fresh else work / "inductor"
     return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder)}
@@ -155,7 +154,8 @@ def main(argv=None) -> int:
         results["precompute"] = json.loads(stats.read_text())
         save()
     for i, name in enumerate(runs):
-        out_dir = work / f"run_{name}_{args.compile}_b{args.batch}"
+        # A new folder per run: a run folder's compile artifacts would spare a later --cold run its compile.
+        out_dir = Path(tempfile.mkdtemp(prefix=f"run_{name}_{args.compile}_b{args.batch}_", dir=work))
         train = [*torchrun(gpus), "launch/train.py", *common, f"experiment.output_dir={out_dir}",
                  "experiment.trainer.validate_every=0", "experiment.trainer.export_at_end=false",
                  "experiment.trainer.progress_bar=false", "experiment.trainer.log_every=5"]
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
                             inductor_env(work, fresh=args.cold and i == 0))
         summary = summarise(metrics, args.skip)
         summary["first_step_wall_s"] = first
+        summary["run_dir"] = str(out_dir)
         summary["clips_per_s_per_gpu"] = args.batch / summary["step_time_s"]
         results["runs"][name] = summary
         save()
@@ -178,10 +179,10 @@ def main(argv=None) -> int:
             summary["restart"] = {"first_step_wall_s": restart, "steps": len(records),
                                   "first_step_s": records[0]["step_time_s"] if records else None,
                                   "step_time_s": statistics.median(r["step_time_s"] for r in records[1:]) if len(records) > 1 else None}
-        if args.step_bench and name == "online":
-            out = work / f"step_bench_{name}.json"
-            run([sys.executable, "bench/train_step.py", "--config", " ".join(common), "--out", out],
-                env=inductor_env(work, fresh=False))
+        if args.step_bench:
+            out = out_dir / "step_bench.json"
+            run([sys.executable, "bench/train_step.py", "--config", " ".join(common), "--conditioning", name,
+                 "--out", out], env=inductor_env(work, fresh=False))
             summary["step_bench"] = _step_bench_summary(out)
             summary["trainer_over_step_bench"] = summary["clips_per_s_per_gpu"] / summary["step_bench"]["clips_per_s_per_gpu"]
         save()
