@@ -130,7 +130,7 @@ def main(argv=None) -> int:
               f"experiment.data.shards={shards}", "experiment.data.crop=none", "experiment.data.hflip_prob=0",
               f"experiment.data.batch_size={args.batch}", f"experiment.parallel.compile={compiled}",
               f"experiment.parallel.compile_frozen={compiled}", *args.overrides]
-    results = {"gpus": gpus, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    results = {"command": " ".join(sys.argv), "gpus": gpus, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "batch_per_gpu": args.batch, "compile": args.compile, "steps": args.steps,
                "experiment": args.experiment, "model": args.model, "overrides": args.overrides,
                "data": {"videos": args.videos, "frames_per_video": args.frames, "source": f"synthetic {args.video_size}"},

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # 3.8 no longer rewrites them.) The longest modules (a minute or more each) are handed out first, so
 # that the two workers finish together.
 LONGEST_FIRST = ["test_train", "test_bad_input", "test_learning", "test_train_options", "test_inference",
-                 "test_conditioning", "test_bench_train_step", "test_outputs_safe", "test_launch", "test_app_browser"]
+                 "test_conditioning", "test_compile_artifacts", "test_bench_train_step", "test_outputs_safe", "test_launch", "test_app_browser"]
 
 
 def pytest_collection_modifyitems(config, items):

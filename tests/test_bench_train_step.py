@@ -193,3 +193,31 @@ def test_kernel_summary_classes_and_bounds():
     assert s["mfu_if_only_flop_kernels"] == pytest.approx(1.0)  # 0.5 s of peak work in 0.5 s of FLOP kernels
     assert s["mfu_of_busy_time"] == pytest.approx(0.5)
     assert s["top_kernels_ms"][0] == {"kernel": "ncclDevKernel_ReduceScatter", "class": "communication", "ms": 1300.0}
+
+
+def test_cached_conditioning_batches_spare_the_clean_clip_networks():
+    """--conditioning cached: each synthetic batch carries the clean clip's features in the cache's
+    shapes and dtypes, and the step's conditioner then runs no RAFT, no clean-clip encode, no CLIP."""
+    from fff_vdi.models.components import build_components
+    from fff_vdi.train.objective import CLEAN_FEATURES, FrozenConditioner
+
+    bench = load_bench()
+    cfg = bench.compose(bench.merged_overrides(TINY[6:], EAGER))
+    components = build_components(cfg.model, seed=0, device=torch.device("cpu"))
+    embed_dim = components.image_encoder.config.projection_dim
+    batch = bench.synthetic_batches(cfg, 1, torch.device("cpu"), seed=0, embed_dim=embed_dim)[0]
+    d, features = cfg.data, batch[CLEAN_FEATURES]
+    assert features.raw_flows_forward.shape == (d.batch_size, d.num_frames - 1, 2, d.height, d.width)
+    assert features.latent_moments.shape == (d.batch_size, d.num_frames, 8, d.height // 8, d.width // 8)
+    assert features.image_embeds.shape == (d.batch_size, 1, embed_dim)
+    conditioner = FrozenConditioner(components, cfg.objective, cfg.model.raft_iters, torch.float32, torch.device("cpu"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a clean-clip network ran although the batch carried its features")
+
+    conditioner.clean_features = refuse
+    gen = torch.Generator().manual_seed(0)
+    cond = conditioner(batch, gen)
+    assert cond.latents.shape == (d.batch_size, d.num_frames, 4, d.height // 8, d.width // 8)
+    assert "pixel_values" in batch and not any(k == CLEAN_FEATURES for k in bench.synthetic_batches(
+        cfg, 1, torch.device("cpu"), seed=0)[0])  # online: no features, the conditioner computes them

@@ -9,10 +9,11 @@ import torch
 def to_device(array, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`torch.as_tensor(array, dtype=dtype, device=device)` without its wait on a CUDA device.
 
-    A copy from pageable host memory made that way waits until the GPU has finished all queued work;
-    in the data loader (mask plans drawn on the device) that stalled the host at every step while
-    the GPU emptied its queue. Here the array goes through page-locked memory and is copied
-    asynchronously (torch's host allocator keeps the page-locked block until the copy is done)."""
+    A blocking copy from host memory made that way returns only when the copy is done, so after all
+    the work queued before it on the GPU: in the data loader (mask plans drawn on the device, while
+    the previous step's update is still queued) the host would wait for the GPU at every step. Here
+    the array goes through page-locked memory and is copied asynchronously (torch's host allocator
+    keeps the page-locked block until the copy is done)."""
     device = torch.device(device)
     t = torch.as_tensor(np.asarray(array) if not torch.is_tensor(array) else array, dtype=dtype)
     if device.type != "cuda":
