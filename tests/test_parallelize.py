@@ -65,10 +65,12 @@ def test_fsdp_units_return_no_views_and_the_plain_gradients(process_group):
         torch.testing.assert_close(grad, plain.get_parameter(name).grad, rtol=1e-5, atol=1e-7)
 
 
-def test_unit_scope_compiles_each_unit_and_repeated_units_share_a_graph(process_group):
+@pytest.mark.parametrize("checkpointing", ["off", "full"])
+def test_unit_scope_compiles_each_unit_and_repeated_units_share_a_graph(process_group, checkpointing):
     """Regional compilation (parallel.compile_scope=unit): every resnet, attention and resampler is
-    compiled on its own, units of one class and shape share one dynamo graph (the first compile of a
-    restart builds fewer graphs), and the compiled UNet computes the plain UNet's loss."""
+    compiled on its own (with full activation checkpointing: its checkpointed wrapper), units of one
+    class and shape share one dynamo graph (fewer graphs to build), and the compiled UNet computes
+    the plain UNet's loss."""
     from fff_vdi.distributed.parallelize import compile_units, unet_blocks
 
     torch._dynamo.reset()
@@ -82,7 +84,8 @@ def test_unit_scope_compiles_each_unit_and_repeated_units_share_a_graph(process_
     unet = FFFVDIUNet.from_config(json.loads((BUNDLED_CONFIGS / "tiny" / "unet" / "config.json").read_text()))
     mark_trainable(unet, "temporal")
     plain = copy.deepcopy(unet)
-    parallelize_unet(unet, ParallelConfig(mixed_precision="float32", compile=True, compile_scope="unit"),
+    parallelize_unet(unet, ParallelConfig(mixed_precision="float32", compile=True, compile_scope="unit",
+                                          activation_checkpointing=checkpointing),
                      world_size=1, device=torch.device("cpu"), compile_kwargs={"backend": counting_backend})
     units = compile_units(unet, "unit")
     compiled = [unet.noise_refiner._compiled_step is not None]
