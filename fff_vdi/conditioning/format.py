@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fff_vdi.data.shards import load_checked_index
 from fff_vdi.errors import DataError
 
 FORMAT = "fff-vdi-conditioning"
@@ -142,20 +143,10 @@ def load_manifest(root: Path) -> dict:
 
 
 def load_unit_index(root: Path, unit: dict) -> dict:
-    """The index of one manifest unit entry, checked against the manifest and the tar's size."""
-    tar_path, index_path = root / unit["name"], root / unit["index"]
-    try:
-        tar_bytes = tar_path.stat().st_size
-    except FileNotFoundError:
-        raise DataError(f"{tar_path}: unit listed in {root / MANIFEST_NAME} is missing; {REBUILD_HINT}") from None
-    index = read_json(index_path, f"the index of {unit['name']}")
-    if index.get("format") != INDEX_FORMAT or index.get("version") != VERSION:
-        raise DataError(f"{index_path}: format {index.get('format')!r} version {index.get('version')!r}, expected "
-                        f"{INDEX_FORMAT!r} version {VERSION}; {REBUILD_HINT}")
-    if not (tar_bytes == unit["bytes"] == index["bytes"] and index["sha256"] == unit["sha256"]):
-        raise DataError(f"index mismatch: {tar_path} ({tar_bytes} bytes), {index_path} ({index['bytes']} bytes) and "
-                        f"{root / MANIFEST_NAME} ({unit['bytes']} bytes) disagree; {REBUILD_HINT}")
-    return index
+    """The index of one manifest unit entry, checked against the manifest and the tar's size (the
+    image shards' check: the cache is laid out like them)."""
+    return load_checked_index(root, unit, member="unit", index_format=INDEX_FORMAT, version=VERSION,
+                              missing_hint=REBUILD_HINT, damaged_hint=REBUILD_HINT, outdated_hint=REBUILD_HINT)
 
 
 def image_shard_identity(image_manifest: dict, split: str) -> list[dict]:

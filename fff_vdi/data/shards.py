@@ -210,29 +210,39 @@ def _is_journal(path: Path) -> bool:
         return False
 
 
-def load_index(root: Path, shard: dict) -> dict:
-    """The index of one manifest shard entry, after checking it and the tar against the manifest."""
-    tar_path, index_path = root / shard["name"], root / shard["index"]
+def load_checked_index(root: Path, entry: dict, *, member: str, index_format: str, version: int,
+                       missing_hint: str, damaged_hint: str, outdated_hint: str) -> dict:
+    """The JSON index of one manifest entry of a folder laid out as tars + indexes + manifest.json (the
+    image shards, and the conditioning cache made like them), after checking: the tar and its index
+    exist, the index has `index_format` and `version`, and the tar's size and sha256 agree with the
+    index and the manifest. `member` is what the manifest calls an entry ("shard", "unit"); the hints
+    end the messages of a missing file, a damaged one and an index of another format."""
+    tar_path, index_path = root / entry["name"], root / entry["index"]
     try:
         tar_bytes = tar_path.stat().st_size
     except FileNotFoundError:
-        raise DataError(f"{tar_path}: shard listed in {root / MANIFEST_NAME} is missing; restore it, "
-                        f"or re-shard with tools/shard_ytvos.py --repair {root}") from None
+        raise DataError(f"{tar_path}: {member} listed in {root / MANIFEST_NAME} is missing; {missing_hint}") from None
     try:
         index = json.loads(index_path.read_text("utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{index_path}: index of {tar_path.name} is missing; restore it, or re-shard with "
-                        f"tools/shard_ytvos.py --repair {root}") from None
+        raise DataError(f"{index_path}: index of {tar_path.name} is missing; {missing_hint}") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{index_path}: cannot be read as JSON ({e}); {RESHARD_HINT}") from e
-    if index.get("format") != INDEX_FORMAT or index.get("version") != FORMAT_VERSION:
+        raise DataError(f"{index_path}: cannot be read as JSON ({e}); {damaged_hint}") from e
+    if index.get("format") != index_format or index.get("version") != version:
         raise DataError(f"{index_path}: format {index.get('format')!r} version {index.get('version')!r}, expected "
-                        f"{INDEX_FORMAT!r} version {FORMAT_VERSION}; re-shard with tools/shard_ytvos.py")
-    if not (tar_bytes == shard["bytes"] == index["bytes"] and index["sha256"] == shard["sha256"]):
+                        f"{index_format!r} version {version}; {outdated_hint}")
+    if not (tar_bytes == entry["bytes"] == index["bytes"] and index["sha256"] == entry["sha256"]):
         raise DataError(f"index mismatch: {tar_path} ({tar_bytes} bytes), {index_path} ({index['bytes']} bytes, "
-                        f"sha256 {index['sha256'][:12]}...) and {root / MANIFEST_NAME} ({shard['bytes']} bytes, "
-                        f"sha256 {shard['sha256'][:12]}...) disagree; {RESHARD_HINT}")
+                        f"sha256 {index['sha256'][:12]}...) and {root / MANIFEST_NAME} ({entry['bytes']} bytes, "
+                        f"sha256 {entry['sha256'][:12]}...) disagree; {damaged_hint}")
     return index
+
+
+def load_index(root: Path, shard: dict) -> dict:
+    """The index of one manifest shard entry, after checking it and the tar against the manifest."""
+    return load_checked_index(root, shard, member="shard", index_format=INDEX_FORMAT, version=FORMAT_VERSION,
+                              missing_hint=f"restore it, or re-shard with tools/shard_ytvos.py --repair {root}",
+                              damaged_hint=RESHARD_HINT, outdated_hint="re-shard with tools/shard_ytvos.py")
 
 
 def _load_shard_entries(root: Path, split: str, shard: dict) -> list[VideoEntry]:
