@@ -136,7 +136,11 @@ def build_demo(models: Models, workdir: Path, example: Path) -> gr.Blocks:
 
         video_in.change(load, [video_in, session], [session, frame_view, frame_slider, clicks_text, mask_video, comparison, downloads])
         frame_slider.change(show, [frame_slider, session], [frame_view], show_progress="hidden")
-        frame_view.select(click, [session, frame_slider, click_kind, object_id], [session, frame_view, clicks_text], show_progress="hidden")
+        # Every click counts: Gradio's default for an event ("once") drops a click made while the one
+        # before is still being drawn. The clicks queue instead and run in order (one at a time per
+        # event, default_concurrency_limit=1), each on the session as the click before left it.
+        frame_view.select(click, [session, frame_slider, click_kind, object_id], [session, frame_view, clicks_text],
+                          show_progress="hidden", trigger_mode="multiple")
         clear.click(clear_clicks, [session, frame_slider], [session, frame_view, clicks_text])
         segment_btn.click(segment, [session, dilation, frame_slider], [session, mask_video, frame_view, clicks_text],
                           concurrency_id=GPU_QUEUE, concurrency_limit=1)
