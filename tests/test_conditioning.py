@@ -1,4 +1,4 @@
-"""The precomputed conditioning cache: tools/precompute_conditioning.py (kill -9 and resume to the same
+"""The precomputed conditioning cache: tools/precompute_conditioning.py (a full disk, kill -9 and resume to the same
 bytes, --verify), the trainer's refusal of what a cache cannot serve, and equivalence with the online
 conditioning (the same tensors and losses for the same seeds, also across a resume).
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -57,10 +58,16 @@ def experiment(pipeline: Path, shards: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def tool(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    """tools/precompute_conditioning.py run as a user runs it; the exit status is the test's to check."""
+def tool(*args, env: dict | None = None, limit_file_size: int | None = None) -> subprocess.CompletedProcess:
+    """tools/precompute_conditioning.py run as a user runs it; the exit status is the test's to check.
+    With `limit_file_size`, writes beyond that many bytes fail with EFBIG (as on a full disk)."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
+
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600,
+                          preexec_fn=limit if limit_file_size else None)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +102,18 @@ def reference(tiny_pipeline, image_shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume_is_byte_identical(tiny_pipeline, image_shards, reference, tmp_path):
-    """Killed once the second unit's tar is in place but before its index: --resume keeps unit 0, redoes
-    unit 1 and does unit 2; every file equals the uninterrupted run's."""
+def test_full_disk_then_kill_9_then_resume_is_byte_identical(tiny_pipeline, image_shards, reference, tmp_path):
+    """A full disk stops the first run with one line naming the folder; killed once the second unit's tar
+    is in place but before its index, --resume keeps unit 0, redoes unit 1 and does unit 2; every file
+    equals the uninterrupted run's."""
     out = tmp_path / "out"
     args = ["--out", out, *TOOL_FLAGS, *experiment(tiny_pipeline, image_shards)]
-    killed = tool(*args, env={"FFF_VDI_SHARD_CRASH_AT": "unit-tar-written:2"})
+    full = tool(*args, limit_file_size=100_000)  # run.json fits, the first unit's tar (~1 MB) does not
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"{out}: File too large; fix that" in errors[0], full.stderr
+    assert "rerun with --resume" in errors[0] and sorted(p.name for p in out.iterdir()) == ["run.json"]
+    killed = tool(*args, "--resume", env={"FFF_VDI_SHARD_CRASH_AT": "unit-tar-written:2"})
     assert killed.returncode == -signal.SIGKILL
     assert (out / "cond-000000.index.json").is_file() and not (out / "manifest.json").exists()
     with pytest.raises(InputError, match="pass --resume to finish it"):  # without --resume, before any work

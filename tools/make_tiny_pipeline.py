@@ -16,9 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no installation
 
 from fff_vdi.errors import run_command  # noqa: E402
-from fff_vdi.models import build_random_components, save_pipeline  # noqa: E402
-from fff_vdi.models.components import PIPELINE_WRITER  # noqa: E402
-from fff_vdi.utils.atomic import check_output_folder  # noqa: E402
+from fff_vdi.utils.atomic import PIPELINE_WRITER, check_output_folder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace OUT if a pipeline export wrote it (anything else is never replaced)")
     args = parser.parse_args(argv)
     def write() -> None:
-        check_output_folder(args.out, PIPELINE_WRITER, args.overwrite)  # before the networks are built
+        check_output_folder(args.out, PIPELINE_WRITER, args.overwrite)  # before the networks' libraries load
+        from fff_vdi.models import build_random_components, save_pipeline
+
         save_pipeline(build_random_components("tiny", seed=args.seed), args.out, overwrite=args.overwrite)
 
     code = run_command(write, writing=args.out)

@@ -10,9 +10,9 @@ OVERRIDES are launch/train.py's (e.g. experiment=paper_512x256 experiment.data.s
 the cache holds what that run's online conditioning computes, for its split, resolution, frame steps,
 frozen networks and decode backend. On many nodes start one torchrun per node (as launch/*.sbatch do).
 
-Exit status: 0 when the cache is finished or --verify found no problem; 1 when --verify found problems
-or an input file is damaged (a killed or failed run continues with --resume); 2 for a bad argument,
-configuration or output folder.
+Exit status: 0 when the cache is finished or --verify found no problem; 1 when --verify found problems,
+an input file is damaged, or the disk failed the run (full, unwritable: a killed or failed run continues
+with --resume); 2 for a bad argument, configuration or output folder.
 """
 
 import argparse
@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fff_vdi.errors import DataError, FFFVDIError  # noqa: E402
+from fff_vdi.utils.paths import os_error_text  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             return verify(args.verify, args.image_shards)
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:  # an unreadable folder or file the checks did not name
+            print(f"error: {os_error_text(e, args.verify)}; check that the folder and its files can be read",
+                  file=sys.stderr)
             return 1
     if args.out is None:
         parser.error("--out DIR is required (or --verify DIR)")
@@ -110,6 +115,10 @@ def precompute(args) -> int:
     except FFFVDIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # what the checks up front cannot foresee: a full disk, a failing drive
+        print(f"error: {os_error_text(e, args.out)}; fix that (free space, permissions), then rerun with --resume: "
+              "finished units are kept", file=sys.stderr)
+        return 1  # torchrun then stops the other ranks
     finally:
         shutdown()
 

@@ -45,7 +45,7 @@ from fff_vdi.models.loading import (
 )
 from fff_vdi.models.raft import RAFT_FILE_NAMES, RAFTFlow, load_raft, to_original_layout
 from fff_vdi.models.unet import FFFVDIUNet
-from fff_vdi.utils.atomic import atomic_folder, atomic_write_json
+from fff_vdi.utils.atomic import PIPELINE_WRITER, atomic_folder, atomic_write_json
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -247,8 +247,6 @@ def pipeline_index(components: Components) -> dict:
         "flow_completion": ["fff_vdi.models", "FlowCompletionNet", "ProPainter recurrent_flow_completion.pth layout"],
     }
 
-
-PIPELINE_WRITER = "fff_vdi pipeline export"
 
 
 def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state_dict: dict[str, torch.Tensor] | None = None,

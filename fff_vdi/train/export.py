@@ -17,16 +17,17 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-
-import torch
-import torch.distributed.checkpoint as dcp
+from typing import TYPE_CHECKING
 
 from fff_vdi.config import ExperimentConfig
 from fff_vdi.errors import FFFVDIError, run_command
-from fff_vdi.models.components import PIPELINE_WRITER, build_components, save_pipeline
-from fff_vdi.train.checkpoint import list_checkpoints, resolve_resume
-from fff_vdi.train.optim import updated_parameter_names
-from fff_vdi.utils.atomic import check_output_folder
+from fff_vdi.utils.atomic import PIPELINE_WRITER, check_output_folder
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the networks' libraries load in the functions, after the output folder is checked: a
+# refused --out is answered in a second, not after the seconds their imports take.
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ def export_pipeline(cfg: ExperimentConfig, checkpoint: Path, out_dir: Path, use_
     checked before anything is loaded. `device`: where random-weight runs (`model.random_init`) draw
     their base weights; the training run's kind of device draws its numbers (CPU and GPU differ)."""
     check_output_folder(out_dir, PIPELINE_WRITER, overwrite)
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from fff_vdi.models.components import build_components, save_pipeline
+    from fff_vdi.train.optim import updated_parameter_names
+
     components = build_components(cfg.model, seed=cfg.trainer.seed, device=device)
     unet = components.unet
     state = dict(unet.state_dict())
@@ -62,11 +69,13 @@ def export_from_checkpoint(run_dir: Path, checkpoint: str | None, out_dir: Path,
     """`export_pipeline` for a run folder, on the CPU: its config.yaml and one of its checkpoints
     (default: the newest complete one). Returns the checkpoint's path. (A run with random weights
     drawn on GPUs gets CPU-drawn frozen weights here: random either way.)"""
+    check_output_folder(out_dir, PIPELINE_WRITER, overwrite)
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    check_output_folder(out_dir, PIPELINE_WRITER, overwrite)
+    from fff_vdi.train.checkpoint import list_checkpoints, resolve_resume
+
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FFFVDIError(f"{config_file} is missing: --run must be a training run folder (it holds config.yaml and checkpoints/)")

@@ -85,6 +85,12 @@ def check_can_create(path: str | os.PathLike) -> None:
         raise InputError(f"{path}: cannot write into {folder} ({e.strerror}): choose a folder you can write") from None
 
 
+# The writer of pipeline folders (models.components.save_pipeline: training's export, the export tool,
+# tools/make_tiny_pipeline.py): here, where the tools can check an output folder in milliseconds,
+# before they import the networks' libraries (seconds).
+PIPELINE_WRITER = "fff_vdi pipeline export"
+
+
 def check_output_folder(path: str | os.PathLike, writer: str, overwrite: bool) -> None:
     """Raise OutputFolderError unless `writer` may write `path`: absent, an empty folder, or with
     `overwrite` a folder that `writer` wrote and that holds only the files it wrote. Raise
