@@ -1,6 +1,7 @@
 """The trainer's options on the CPU with gloo and the tiny pipeline, each run on its own (no shared
 straight run, so these spread over the test workers apart from tests/test_train.py): the options the
-published recipe leaves off, together, then a resume; a non-finite loss stopping every rank."""
+published recipe leaves off, together, then a resume; a non-finite loss stopping every rank; a full disk
+at a checkpoint stopping every rank with one line."""
 
 from __future__ import annotations
 
@@ -85,3 +86,36 @@ def test_non_finite_loss_stops_every_rank_with_the_step(tiny_pipeline, synthetic
         log = (run / "logs" / f"rank-{rank:05d}.log").read_text()
         assert "non-finite loss at step 2" in log
     assert max(losses(run)) == 1  # step 2 never completed
+
+
+def test_a_full_disk_at_a_checkpoint_stops_every_rank_with_one_line(tiny_pipeline, synthetic_shards, tmp_path):
+    """Rank 1's disk is full when step 2 is saved: DCP's "unexpected pos 704 vs 598" traceback once; now
+    one line naming the checkpoint, the cause and what a relaunch resumes from, as torchrun's root cause."""
+    run = tmp_path / "full"
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run, **{"experiment.trainer.checkpoint_every": 2}),
+                  nproc=2, check=False, faults={"FFF_VDI_TEST_FULL_DISK_ON_RANK": "1"})
+    assert proc.returncode != 0
+    message = f"error: checkpoint {run / 'checkpoints' / 'step-00000002'} could not be written ("
+    root_cause = proc.stderr.split("Root Cause (first observed failure):")[-1]
+    assert f"traceback : {message}" in root_cause, proc.stderr[-3000:]
+    assert "launch the same command again: no checkpoint is complete yet: it starts over" in root_cause
+    printed = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(printed) == 2 and all(line.startswith(message) for line in printed), proc.stderr[-3000:]  # each rank
+    assert proc.stderr.count("Traceback") == 1  # torchrun's own ChildFailedError report only
+    assert max(losses(run)) == 2 and not (run / "checkpoints" / "step-00000002" / "COMPLETE").exists()
+
+
+def test_a_checkpoint_write_error_names_the_cause_and_the_checkpoint_to_resume_from(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fff_vdi.train.checkpoint import MARKER, CheckpointWriteError, step_dir
+
+    root = tmp_path / "checkpoints"
+    (step_dir(root, 4) / MARKER).parent.mkdir(parents=True)
+    (step_dir(root, 4) / MARKER).write_text("{}")
+    step_dir(root, 6).mkdir()  # unfinished: not a checkpoint to resume from
+    full = OSError(28, "No space left on device", str(step_dir(root, 8) / "__1_0.distcp"))
+    message = str(CheckpointWriteError(root, step_dir(root, 8), CheckpointException("save", {3: (full, None)})))
+    assert message.startswith(f"checkpoint {step_dir(root, 8)} could not be written ({step_dir(root, 8)}/__1_0.distcp: "
+                              "No space left on device; ")
+    assert message.endswith("launch the same command again: it resumes from step-00000004"), message

@@ -14,6 +14,7 @@ interrupted save is cleaned up later. The newest `keep` complete checkpoints are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -35,9 +36,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from fff_vdi.distributed.env import barrier, is_distributed
 from fff_vdi.errors import FFFVDIError
 from fff_vdi.utils.atomic import atomic_write_json
+from fff_vdi.utils.paths import os_error_text
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,36 @@ def resolve_resume(root: Path, resume: str) -> Optional[Path]:
         raise FFFVDIError(f"trainer.resume={resume!r}: {path} is not a complete checkpoint (no {MARKER} file); "
                           f"complete ones under {root}: {[p.name for _, p in list_checkpoints(root)] or 'none'}")
     return path
+
+
+class CheckpointWriteError(FFFVDIError):
+    """A checkpoint could not be written (a full disk, a quota, permissions): one line naming it, its
+    cause and the checkpoint a relaunch resumes from, where a bare traceback (DCP's reads "unexpected
+    pos 704 vs 598" for a full disk) would leave the user guessing."""
+
+    def __init__(self, root: Path, path: Path, error: BaseException):
+        cause = error
+        if isinstance(error, CheckpointException) and error.failures:  # a rank's error, gathered by DCP
+            cause = error.failures[min(error.failures)][0]
+        text = os_error_text(cause, path) if isinstance(cause, OSError) else (
+            f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}")
+        complete = list_checkpoints(root)
+        try:
+            free = f"{shutil.disk_usage(root).free / 1e9:.1f} GB free there"
+        except OSError:
+            free = "free space unknown"
+        resume = f"it resumes from {complete[-1][1].name}" if complete else "no checkpoint is complete yet: it starts over"
+        super().__init__(f"checkpoint {path} could not be written ({text}; {free}): fix that (free space, quota, "
+                         f"permissions) and launch the same command again: {resume}")
+
+
+@contextlib.contextmanager
+def writing_checkpoint(root: Path, path: Path):
+    """Failures to write the checkpoint `path` as CheckpointWriteError."""
+    try:
+        yield
+    except (OSError, RuntimeError, CheckpointException) as e:
+        raise CheckpointWriteError(root, path, e) from e
 
 
 class _Stateful:
@@ -131,26 +165,27 @@ class Checkpointer:
     def save(self, step: int, model, optimizer, scheduler, ema, data_state: dict, trainer_state: dict) -> Path:
         self.wait()  # at most one save in flight
         path = step_dir(self.root, step)
-        if self.rank == 0:
-            if path.exists():  # an earlier, interrupted save of this step
-                shutil.rmtree(path)
-            (path / "rng").mkdir(parents=True)
-        barrier()
-        torch.save(capture_rng(), path / "rng" / f"rank-{self.rank:05d}.pt")
-        if self.rank == 0:
-            atomic_write_json(path / "state.json", {
-                "format": FORMAT_VERSION, "step": step, "world_size": self.world_size,
-                "scheduler": scheduler.state_dict(), "data": data_state, "trainer": trainer_state})
-        state = self._tensor_state(model, optimizer, ema)
-        t0 = time.perf_counter()
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_group)
-            self._pending = (step, future)
-            log.info("checkpoint %s: staged in %.1fs, writing in the background", path.name, time.perf_counter() - t0)
-        else:
-            dcp.save(state, checkpoint_id=str(path))
-            self._finalize(step)
-            log.info("checkpoint %s: saved in %.1fs", path.name, time.perf_counter() - t0)
+        with writing_checkpoint(self.root, path):
+            if self.rank == 0:
+                if path.exists():  # an earlier, interrupted save of this step
+                    shutil.rmtree(path)
+                (path / "rng").mkdir(parents=True)
+            barrier()
+            torch.save(capture_rng(), path / "rng" / f"rank-{self.rank:05d}.pt")
+            if self.rank == 0:
+                atomic_write_json(path / "state.json", {
+                    "format": FORMAT_VERSION, "step": step, "world_size": self.world_size,
+                    "scheduler": scheduler.state_dict(), "data": data_state, "trainer": trainer_state})
+            state = self._tensor_state(model, optimizer, ema)
+            t0 = time.perf_counter()
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_group)
+                self._pending = (step, future)
+                log.info("checkpoint %s: staged in %.1fs, writing in the background", path.name, time.perf_counter() - t0)
+            else:
+                dcp.save(state, checkpoint_id=str(path))
+                self._finalize(step)
+                log.info("checkpoint %s: saved in %.1fs", path.name, time.perf_counter() - t0)
         return path
 
     def wait(self) -> None:
@@ -159,8 +194,9 @@ class Checkpointer:
             return
         step, future = self._pending
         self._pending = None
-        future.result()
-        self._finalize(step)
+        with writing_checkpoint(self.root, step_dir(self.root, step)):
+            future.result()
+            self._finalize(step)
 
     def _finalize(self, step: int) -> None:
         barrier()  # every rank's shards are on disk
