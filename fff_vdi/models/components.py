@@ -248,7 +248,6 @@ def pipeline_index(components: Components) -> dict:
     }
 
 
-
 def save_pipeline(components: Components, out_dir: str | os.PathLike, unet_state_dict: dict[str, torch.Tensor] | None = None,
                   overwrite: bool = False) -> Path:
     """Write the pipeline layout to `out_dir`, atomically: into `OUT.tmp-xxxx`, then renamed.

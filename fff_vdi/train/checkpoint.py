@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,8 +36,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-
-from torch.distributed.checkpoint.api import CheckpointException
 
 from fff_vdi.distributed.env import barrier, is_distributed
 from fff_vdi.errors import FFFVDIError
@@ -103,9 +102,12 @@ class CheckpointWriteError(FFFVDIError):
 
 @contextlib.contextmanager
 def writing_checkpoint(root: Path, path: Path):
-    """Failures to write the checkpoint `path` as CheckpointWriteError."""
+    """Failures to write the checkpoint `path` as CheckpointWriteError (torch.save reports a failed
+    write as a RuntimeError); a failed collective (DistError, also a RuntimeError) stays what it is."""
     try:
         yield
+    except dist.DistError:
+        raise
     except (OSError, RuntimeError, CheckpointException) as e:
         raise CheckpointWriteError(root, path, e) from e
 
