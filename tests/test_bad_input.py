@@ -114,6 +114,7 @@ EXPORT = ["-m", "fff_vdi.train.export"]
 INPAINT = ["-m", "fff_vdi.inpaint"]
 EVALUATE = ["-m", "fff_vdi.evaluate"]
 TINY = ["tools/make_tiny_pipeline.py"]
+PRECOMPUTE = ["tools/precompute_conditioning.py"]
 QUICKSTART = ["-m", "fff_vdi.quickstart"]
 
 
@@ -200,6 +201,11 @@ CASES = [
     Case("export/out-unwritable", EXPORT,
          lambda i: (["--run", str(run_folder(i)), "--out", str(i.needs_unwritable() / "out")],
                     ["out", "cannot write"])),
+    # -- the conditioning cache ------------------------------------------------------------------------
+    Case("precompute/out-unwritable", PRECOMPUTE,
+         lambda i: (["--out", str(i.needs_unwritable() / "cache"), "experiment=tiny_cpu",
+                     f"experiment.model.pretrained={i.pipeline}", f"experiment.data.shards={i.shards}"],
+                    ["--out", "cache", "pick a folder you can write"])),
     # -- inpaint --------------------------------------------------------------------------------------
     Case("inpaint/video-truncated", INPAINT, lambda i: (inpaint_args(i, video=truncated_video(i)), ["clip.mp4"])),
     Case("inpaint/masks-of-wrong-size", INPAINT,

@@ -60,6 +60,7 @@ from fff_vdi.sharder.tarpack import Member, TarShardWriter, pack_members
 from fff_vdi.sharder.writer import crash_point
 from fff_vdi.train.objective import DTYPES, FrozenConditioner
 from fff_vdi.utils.atomic import atomic_open, atomic_write_json, remove_temp_files
+from fff_vdi.utils.paths import unwritable_reason
 
 FLOW_DTYPES = ("float32", "float16")
 FLOW_RESOLUTIONS = ("full", "eighth")
@@ -120,6 +121,9 @@ def check_output_folder(out: Path, resume: bool) -> bool:
     (checked before the networks are built, so a wrong folder is refused at once)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; pick a folder")
+    problem = unwritable_reason(out)
+    if problem:
+        raise InputError(f"--out {out}: {problem}; pick a folder you can write")
     names = sorted(p.name for p in out.iterdir() if ".tmp-" not in p.name) if out.is_dir() else []
     if not names:
         return False
