@@ -105,6 +105,19 @@ def test_a_full_disk_at_a_checkpoint_stops_every_rank_with_one_line(tiny_pipelin
     assert max(losses(run)) == 2 and not (run / "checkpoints" / "step-00000002" / "COMPLETE").exists()
 
 
+def test_a_full_disk_before_the_first_step_stops_with_one_line(tiny_pipeline, synthetic_shards, tmp_path):
+    """config.yaml cannot be written (the disk is full for rank 0 past 1,500 bytes): one line naming the
+    run's folder and the cause, torchrun's root cause; no traceback of ours."""
+    run = tmp_path / "full"
+    proc = launch(overrides(tiny_pipeline, synthetic_shards, run), nproc=1, check=False,
+                  faults={"FFF_VDI_TEST_FULL_DISK_ON_RANK": "0:1500"})
+    message = f"error: {run}: File too large; fix that (free space, quota, permissions) and launch the same command"
+    assert proc.returncode != 0 and proc.stderr.count("Traceback") == 1, proc.stderr[-3000:]  # torchrun's own
+    assert f"traceback : {message}" in proc.stderr.split("Root Cause (first observed failure):")[-1], proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        message + " again: it resumes from the newest complete checkpoint"]
+
+
 def test_a_checkpoint_write_error_names_the_cause_and_the_checkpoint_to_resume_from(tmp_path):
     from torch.distributed.checkpoint.api import CheckpointException
 

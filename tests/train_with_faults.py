@@ -4,8 +4,9 @@ of launch/train.py, with the same Hydra overrides); the product's configuration 
     FFF_VDI_TEST_NAN_AT_STEP=N       the loss of (1-based) optimizer step N is NaN on every rank
     FFF_VDI_TEST_STOP_AFTER_STEPS=K  this process sends itself SIGUSR1 (a preemption) as its K-th step
                                      starts, so every rank saves that step and exits 0
-    FFF_VDI_TEST_FULL_DISK_ON_RANK=R the disk is full for rank R: its writes past 1 MB in a file fail
-                                     (EFBIG, as ENOSPC would; a checkpoint's shards are larger)
+    FFF_VDI_TEST_FULL_DISK_ON_RANK=R[:BYTES]  the disk is full for rank R: its writes past BYTES (default
+                                     1 MB: a checkpoint's shards are larger) in a file fail (EFBIG, as
+                                     ENOSPC would)
 """
 
 import os
@@ -39,9 +40,10 @@ def loss(*args, **kwargs):
     return value * float("nan") if current["step"] + 1 == NAN_AT_STEP else value
 
 
-if os.environ.get("FFF_VDI_TEST_FULL_DISK_ON_RANK") == os.environ.get("RANK"):
+FULL_DISK_RANK, _, FULL_DISK_BYTES = os.environ.get("FFF_VDI_TEST_FULL_DISK_ON_RANK", "").partition(":")
+if FULL_DISK_RANK == os.environ.get("RANK"):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(FULL_DISK_BYTES or 1 << 20),) * 2)
 step_module.TrainStep.__call__ = call
 step_module.edm_loss = loss
 train = REPO / "launch" / "train.py"

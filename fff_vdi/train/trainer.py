@@ -32,6 +32,7 @@ from fff_vdi.train.metrics import PEAK_BF16_FLOPS, Heartbeat, MetricsWriter, pea
 from fff_vdi.train.preemption import PreemptionFlag, requeue_after
 from fff_vdi.train.step import StepOutput, backend_settings, build_train_step
 from fff_vdi.utils.atomic import atomic_write_text
+from fff_vdi.utils.paths import os_error_text
 
 log = logging.getLogger("fff_vdi.train")
 
@@ -228,6 +229,14 @@ class Trainer:
                      100 * values["data_wait_share"], f", MFU {100 * values['mfu']:.1f}%" if "mfu" in values else "")
 
 
+def training_failed(message: str) -> int:
+    """One line, in the rank's log, on stderr and as torchrun's root cause: exit status 1."""
+    log.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
+    write_launcher_error(f"error: {message}")
+    return 1
+
+
 def run_training(cfg: ExperimentConfig, resolved_yaml: str = "", preemption: PreemptionFlag | None = None) -> int:
     """Entry point of launch/train.py: train, then leave the process group cleanly. `preemption`: a flag
     the caller installed as early as it could (one is installed here otherwise)."""
@@ -237,10 +246,10 @@ def run_training(cfg: ExperimentConfig, resolved_yaml: str = "", preemption: Pre
         trainer = Trainer(cfg, resolved_yaml, preemption)
         return trainer.run()
     except FFFVDIError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        write_launcher_error(f"error: {e}")
-        return 1
+        return training_failed(str(e))
+    except OSError as e:  # a full disk or failing drive outside a checkpoint: config.yaml, metrics, videos
+        return training_failed(f"{os_error_text(e, cfg.output_dir)}; fix that (free space, quota, permissions) and "
+                               "launch the same command again: it resumes from the newest complete checkpoint")
     finally:
         preemption.uninstall()
         shutdown()
