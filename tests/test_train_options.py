@@ -1,7 +1,7 @@
 """The trainer's options on the CPU with gloo and the tiny pipeline, each run on its own (no shared
 straight run, so these spread over the test workers apart from tests/test_train.py): the options the
 published recipe leaves off, together, then a resume; a non-finite loss stopping every rank; a full disk
-at a checkpoint stopping every rank with one line."""
+at a checkpoint, or before the first step, stopping every rank with one line."""
 
 from __future__ import annotations
 
