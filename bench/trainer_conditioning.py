@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fff_vdi.utils.atomic import atomic_write_text  # noqa: E402 (standard library only)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,9 +140,9 @@ def main(argv=None) -> int:
                "runs": {}}
     runs = args.runs.split(",")
 
-    def save() -> None:  # after every stage: a call cut by its time limit keeps what it measured
+    def save() -> None:  # after every stage: a call cut by its time limit keeps what it measured, whole
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
 
     if args.published:
         out = work / "published.json"
